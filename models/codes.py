@@ -1,0 +1,282 @@
+"""Fixed-weight bit codes for an encoded ensemble (paper, Definition 1 and Section 3).
+
+Every *source* s (one training item, a class, or an owner's works) gets a distinct bit
+vector c_s of length n and Hamming weight k. Member i trains on every item whose source's
+code has bit i set, so S(x) = {i : c_i = 1}. Distinct codes of equal weight are never
+subsets of one another, hence S(x) \\ S(x') is non-empty for every x != x' (Definition 1).
+
+Codes are stored as integer bitmasks (bit i = member i), so n <= 63 fits a signed 64-bit
+integer (a BIGINT column).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_MEMBERS = 63
+
+
+class CapacityError(ValueError):
+    """The number of sources exceeds C(n, k); the message names an n that fits."""
+
+
+def capacity(n: int, k: int) -> int:
+    """Number of distinct weight-k codes of length n: C(n, k)."""
+    return math.comb(n, k)
+
+
+def default_k(n: int) -> int:
+    """The default Hamming weight, k = n/2 (rounded down), which maximises C(n, k)."""
+    return n // 2
+
+
+def smallest_n(num_sources: int, k: int | None = None) -> int:
+    """Smallest ensemble size n whose capacity holds ``num_sources`` codes.
+
+    With ``k=None`` the weight follows n (k = n // 2); otherwise k is held fixed.
+    """
+    n = 2 if k is None else max(k + 1, 2)
+    while capacity(n, default_k(n) if k is None else k) < num_sources:
+        n += 1
+        if n > MAX_MEMBERS:
+            raise CapacityError(
+                f"{num_sources} sources do not fit any ensemble of at most {MAX_MEMBERS} members"
+            )
+    return n
+
+
+def check_capacity(num_sources: int, n: int, k: int) -> None:
+    """Raise :class:`CapacityError` (naming the smallest n that fits) when N > C(n, k)."""
+    if not 1 <= n <= MAX_MEMBERS:
+        raise CapacityError(f"n={n} members is outside 1..{MAX_MEMBERS} (codes are 63-bit masks)")
+    if not 0 < k < n:
+        raise CapacityError(f"code weight k={k} must satisfy 0 < k < n={n}")
+    cap = capacity(n, k)
+    if num_sources > cap:
+        fit_fixed_k = smallest_n(num_sources, k)
+        fit_half = smallest_n(num_sources)
+        raise CapacityError(
+            f"{num_sources} sources do not fit an ensemble of n={n}, k={k}: only "
+            f"C({n},{k})={cap} distinct codes exist. The smallest n that fits is "
+            f"n={fit_half} (k={default_k(fit_half)}), or n={fit_fixed_k} keeping k={k}."
+        )
+
+
+def _rotate(c: int, r: int, n: int, mask: int) -> int:
+    return ((c << r) | (c >> (n - r))) & mask if r else c
+
+
+def _random_code(rng: np.random.Generator, n: int, k: int) -> int:
+    bits = rng.permutation(n)[:k]
+    return int(np.bitwise_or.reduce(np.left_shift(np.int64(1), bits.astype(np.int64))))
+
+
+def assign_codes(num_sources: int, n: int, k: int | None = None, seed: int = 0) -> np.ndarray:
+    """Distinct weight-k codes for ``num_sources`` sources, spread evenly over the n members.
+
+    Whole cyclic-rotation orbits of random aperiodic codes are taken first: an orbit adds
+    exactly k to every member's load, so those codes are perfectly balanced. The remainder
+    (fewer than n codes, or what is left near capacity) goes greedily to the least-loaded
+    members with random tie-breaking. Reproducible from ``seed``.
+
+    Returns:
+        codes: (num_sources,) int64 bitmasks, bit i set when member i trains on the source.
+    """
+    k = default_k(n) if k is None else k
+    check_capacity(num_sources, n, k)
+    rng = np.random.default_rng(seed)
+    mask = (1 << n) - 1
+    used: set[int] = set()
+    out: list[int] = []
+    loads = np.zeros(n, dtype=np.int64)
+
+    # 1) Perfectly balanced rotation orbits.
+    want_orbits = num_sources // n
+    misses = 0
+    while len(out) < want_orbits * n and misses < 200:
+        c = _random_code(rng, n, k)
+        orbit = [_rotate(c, r, n, mask) for r in range(n)]
+        if len(set(orbit)) < n or any(o in used for o in orbit):
+            misses += 1
+            continue
+        misses = 0
+        used.update(orbit)
+        out.extend(orbit)
+    loads += k * (len(out) // n)
+
+    # 2) Greedy remainder on the least-loaded members (noise breaks ties, grows on collisions).
+    while len(out) < num_sources:
+        code = None
+        for attempt in range(64):
+            noise = rng.random(n) * (1.0 + attempt / 4.0)
+            members = np.argsort(loads + noise, kind="stable")[:k]
+            cand = int(np.bitwise_or.reduce(np.left_shift(np.int64(1), members.astype(np.int64))))
+            if cand not in used:
+                code = cand
+                break
+        if code is None:  # near capacity: any unused code
+            code = _random_unused(rng, n, k, used)
+        used.add(code)
+        out.append(code)
+        loads += unpack_bits(np.array([code], dtype=np.int64), n)[0]
+    codes = np.array(out, dtype=np.int64)
+    return codes[rng.permutation(len(codes))]
+
+
+def _random_unused(rng: np.random.Generator, n: int, k: int, used: set[int]) -> int:
+    for _ in range(10_000):
+        c = _random_code(rng, n, k)
+        if c not in used:
+            return c
+    # Dense regime: enumerate what is left (only reachable when C(n, k) is small).
+    from itertools import combinations
+
+    free = [
+        sum(1 << b for b in comb) for comb in combinations(range(n), k)
+        if sum(1 << b for b in comb) not in used
+    ]
+    return int(free[int(rng.integers(len(free)))])
+
+
+def unpack_bits(codes: np.ndarray, n: int) -> np.ndarray:
+    """Bitmasks (M,) int64 -> bits (M, n) uint8 with bits[m, i] = c_m,i."""
+    codes = np.asarray(codes, dtype=np.int64)
+    return ((codes[:, None] >> np.arange(n, dtype=np.int64)[None, :]) & 1).astype(np.uint8)
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """Bits (M, n) {0,1} -> bitmasks (M,) int64."""
+    bits = np.asarray(bits, dtype=np.int64)
+    return (bits << np.arange(bits.shape[1], dtype=np.int64)[None, :]).sum(axis=1)
+
+
+def satisfies_definition1(codes: np.ndarray, chunk: int = 2048) -> bool:
+    """Definition 1 checked directly: for all x != x', S(x) \\ S(x') is non-empty.
+
+    That is, no code is a subset of another one (equal codes are subsets of each other).
+    O(M^2) bit operations in chunks; codes: (M,) int64.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    m = len(codes)
+    for start in range(0, m, chunk):
+        a = codes[start : start + chunk, None]
+        diff_empty = (a & ~codes[None, :]) == 0  # S(a) \ S(b) empty
+        rows = np.arange(start, start + len(a))
+        diff_empty[np.arange(len(a)), rows] = False
+        if diff_empty.any():
+            return False
+    return True
+
+
+def validate_codes(codes: np.ndarray, n: int, k: int) -> None:
+    """Raise ValueError unless codes are distinct, of weight k and within n bits.
+
+    Distinct equal-weight codes satisfy Definition 1, so this O(M) check suffices.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    if (codes < 0).any() or (codes >> n).any():
+        raise ValueError(f"codes use bits beyond n={n}")
+    weights = unpack_bits(codes, n).sum(axis=1)
+    bad = np.flatnonzero(weights != k)
+    if len(bad):
+        raise ValueError(f"code of source {int(bad[0])} has weight {int(weights[bad[0]])}, not {k}")
+    if len(np.unique(codes)) != len(codes):
+        raise ValueError("codes are not distinct: Definition 1 would fail")
+
+
+GRANULARITIES = ("item", "class", "owner")
+
+
+@dataclass(frozen=True)
+class CodeBook:
+    """Sources, their codes and the item -> source map of one ensemble.
+
+    Attributes:
+        n, k: ensemble size and code weight.
+        granularity: "item", "class" or "owner".
+        source_keys: (S,) names of the sources, e.g. "item:17", "class:3", "owner:alice".
+        codes: (S,) int64 bitmasks, one per source.
+        item_source: (N,) int64 index into source_keys for every training item.
+    """
+
+    n: int
+    k: int
+    granularity: str
+    source_keys: tuple[str, ...]
+    codes: np.ndarray
+    item_source: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}")
+        if len(self.source_keys) != len(self.codes):
+            raise ValueError("one code per source is required")
+        validate_codes(self.codes, self.n, self.k)
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.source_keys)
+
+    def bits(self) -> np.ndarray:
+        """(S, n) uint8 code bits."""
+        return unpack_bits(self.codes, self.n)
+
+    def member_items(self) -> list[np.ndarray]:
+        """For each member i, the (N_i,) item indices it trains on (its split)."""
+        item_bits = self.bits()[self.item_source]  # (N, n)
+        return [np.flatnonzero(item_bits[:, i]) for i in range(self.n)]
+
+    def source_items(self, s: int) -> np.ndarray:
+        """Item indices that belong to source s."""
+        return np.flatnonzero(self.item_source == s)
+
+
+def make_codebook(
+    num_items: int,
+    n: int,
+    k: int | None = None,
+    *,
+    seed: int = 0,
+    granularity: str = "item",
+    labels: Sequence[int] | np.ndarray | None = None,
+    label_names: Sequence[str] | None = None,
+    owners: Sequence[str] | None = None,
+) -> CodeBook:
+    """Group items into sources by ``granularity`` and give each source its own code.
+
+    Raises CapacityError when the sources do not fit, and ValueError when a member would
+    train on no item at all (too few sources for n).
+    """
+    k = default_k(n) if k is None else k
+    if granularity == "item":
+        keys = [f"item:{i}" for i in range(num_items)]
+        item_source = np.arange(num_items, dtype=np.int64)
+    elif granularity in ("class", "owner"):
+        groups = labels if granularity == "class" else owners
+        if groups is None:
+            raise ValueError(f"granularity '{granularity}' needs {'labels' if granularity == 'class' else 'owners'}")
+        groups_arr = np.asarray(groups)
+        if len(groups_arr) != num_items:
+            raise ValueError(f"{len(groups_arr)} {granularity} entries for {num_items} items")
+        uniq, inverse = np.unique(groups_arr, return_inverse=True)
+        if granularity == "class" and label_names is not None:
+            names = [str(label_names[int(u)]) for u in uniq]
+        else:
+            names = [str(u) for u in uniq]
+        keys = [f"{granularity}:{name}" for name in names]
+        item_source = inverse.astype(np.int64)
+    else:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, not '{granularity}'")
+    codes = assign_codes(len(keys), n, k, seed)
+    book = CodeBook(n, k, granularity, tuple(keys), codes, item_source)
+    empty = [i for i, idx in enumerate(book.member_items()) if len(idx) == 0]
+    if empty:
+        raise ValueError(
+            f"members {empty} would train on no item: {len(keys)} sources are too few for "
+            f"n={n}; use a smaller n or finer sources"
+        )
+    return book

@@ -1,0 +1,127 @@
+"""Train all n members at once.
+
+Each member is an ordinary DDPM (Ho et al. 2020, Algorithm 1: epsilon prediction, MSE
+loss) on its own split. The wide network takes one input slice per member, so member i's
+minibatch is drawn from its own split; the loss is the *sum* of the members' mean losses,
+whose gradient with respect to member i's parameters is exactly member i's own gradient.
+Adam is element-wise, so one Adam over the stacked parameters is n independent runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.ensemble import Ensemble
+from models.schedule import NoiseSchedule
+from models.unet import WideUNet
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("steps >= 0, batch_size >= 1 and lr > 0 are required")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training step's draws. x_0, eps: (n, B, C, H, W); t: (n, B) long."""
+
+    x_0: Tensor
+    t: Tensor
+    eps: Tensor
+
+
+def draw_batch(x_all: Tensor, splits: Sequence[Tensor], batch_size: int, T: int,
+               g: torch.Generator) -> Batch:
+    """Member i's minibatch: B items from its split (with replacement), t ~ U{0..T-1}, eps ~ N(0, I).
+
+    Drawn on the CPU from ``g`` in a fixed order, so training is reproducible on any device.
+    x_all: (N, C, H, W) on the CPU; splits: n index tensors.
+    """
+    n = len(splits)
+    idx = torch.stack([s[torch.randint(len(s), (batch_size,), generator=g)] for s in splits])
+    t = torch.randint(T, (n, batch_size), generator=g)
+    eps = torch.randn((n, batch_size, *x_all.shape[1:]), generator=g)
+    return Batch(x_all[idx], t, eps)
+
+
+def member_losses(net: WideUNet, schedule: NoiseSchedule, batch: Batch) -> Tensor:
+    """Per-member mean squared error ||eps - eps_i(x_t, t)||^2: (n,)."""
+    n, B = batch.t.shape
+    x_t = schedule.q_sample(batch.x_0, batch.t, batch.eps)  # (n, B, C, H, W)
+    pred = net(x_t.transpose(0, 1).reshape(B, -1, *x_t.shape[3:]), batch.t.T)
+    return ((pred - batch.eps) ** 2).mean(dim=(1, 2, 3, 4))
+
+
+ProgressFn = Callable[[int, Tensor], None]
+"""Called after every step with (step, per-member losses (n,))."""
+
+
+def train(ens: Ensemble, x_all: Tensor, cfg: TrainConfig, *, checkpoint: str | Path | None = None,
+          progress: ProgressFn | None = None) -> Ensemble:
+    """Train (or resume training) ``ens`` in place up to ``cfg.steps`` total steps.
+
+    Resumes from ``ens.train_state`` when present (optimiser moments, RNG state, step), so an
+    interrupted run continued to the same step count equals an uninterrupted one. Saves to
+    ``checkpoint`` every ``cfg.checkpoint_every`` steps, at the end, and on interruption
+    (KeyboardInterrupt), then re-raises.
+
+    x_all: (N, C, H, W) float in [-1, 1], the training items (CPU).
+    """
+    net = ens.net
+    device = next(net.parameters()).device
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if ens.train_state is not None:
+        opt.load_state_dict(ens.train_state["optimizer"])
+        g.set_state(ens.train_state["generator"])
+        step = int(ens.train_state["step"])
+    splits = [torch.from_numpy(s) for s in ens.codebook.member_items()]
+    if any(len(s) == 0 for s in splits):
+        raise ValueError("a member has an empty training split")
+    x_all = x_all.cpu()
+
+    def snapshot() -> dict[str, Any]:
+        return {"step": step, "optimizer": opt.state_dict(), "generator": g.get_state(),
+                "config": asdict(cfg)}
+
+    try:
+        while step < cfg.steps:
+            b = draw_batch(x_all, splits, cfg.batch_size, ens.schedule.T, g)
+            b = Batch(b.x_0.to(device), b.t.to(device), b.eps.to(device))
+            losses = member_losses(net, ens.schedule, b)
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            opt.step()
+            step += 1
+            if progress is not None:
+                progress(step, losses.detach())
+            if checkpoint is not None and step % cfg.checkpoint_every == 0:
+                ens.train_state = snapshot()
+                ens.save(checkpoint)
+    except KeyboardInterrupt:
+        if checkpoint is not None:
+            ens.train_state = snapshot()
+            ens.save(checkpoint)
+        raise
+    ens.train_state = snapshot()
+    if checkpoint is not None:
+        ens.save(checkpoint)
+    return ens

@@ -1,0 +1,412 @@
+"""The epsilon network: a small DDPM U-Net, held as a *wide* ensemble of n members.
+
+All n members live in one module: their channels are folded member by member into the
+channel axis and every convolution is grouped (groups = n), so member i only ever sees its
+own channels. Per-member GroupNorm is GroupNorm(groups * n, n * C) over that layout, and
+skip concatenation interleaves per member. The n = 1 case *is* the plain single-member
+U-Net, and ``member(i)`` slices one member out as such a module.
+
+Parameters are stored with a leading member axis, e.g. a convolution weight is
+(n, C_out, C_in, k, k), like torch.func.stack_module_state would stack them.
+
+Besides ``forward``, every block has ``jvp``: a forward-mode derivative with respect to the
+network input, for m tangent directions at once carried as extra batch rows (row j*B + b is
+tangent j of sample b). The primal is computed once; linear layers run the tangents through
+the same kernels, nonlinear ones use their closed-form derivatives. This is what makes the
+synthetic-ablation Jacobian cost about (m + 1) forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of one member (all members share it)."""
+
+    image_channels: int = 1
+    image_size: int = 8
+    base_channels: int = 16
+    channel_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = ()
+    norm_groups: int = 8
+    heads: int = 1
+
+    def __post_init__(self) -> None:
+        down = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size % down:
+            raise ValueError(
+                f"image size {self.image_size} is not divisible by {down} "
+                f"({len(self.channel_mults)} resolution levels)"
+            )
+        for m in self.channel_mults:
+            if (self.base_channels * m) % self.norm_groups:
+                raise ValueError("every level's channel count must divide by norm_groups")
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> UNetConfig:
+        d = dict(d)
+        d["channel_mults"] = tuple(d["channel_mults"])  # type: ignore[arg-type]
+        d["attn_resolutions"] = tuple(d["attn_resolutions"])  # type: ignore[arg-type]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+def _uniform(shape: tuple[int, ...], bound: float, g: torch.Generator) -> Tensor:
+    return (torch.rand(shape, generator=g, dtype=torch.float32) * 2.0 - 1.0) * bound
+
+
+def _as_rows(d: Tensor, B: int) -> Tensor:
+    """Tangent rows (m*B, ...) -> (m, B, ...), so a primal (B, ...) broadcasts."""
+    return d.reshape(-1, B, *d.shape[1:])
+
+
+def silu_jvp(x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+    """SiLU and its derivative s(x)(1 + x(1 - s(x))). x: (B, ...), dx: (m*B, ...)."""
+    s = torch.sigmoid(x)
+    y = x * s
+    dy = _as_rows(dx, x.shape[0]) * (s * (1.0 + x * (1.0 - s)))
+    return y, dy.reshape(dx.shape)
+
+
+class WConv(nn.Module):
+    """n grouped 2-D convolutions. weight: (n, C_out, C_in, k, k), bias: (n, C_out).
+
+    Input (B, n*C_in, H, W) (one slice per member) or (B, C_in, H, W), fed to every member.
+    Output (B, n*C_out, H', W').
+    """
+
+    def __init__(
+        self, n: int, c_in: int, c_out: int, k: int, stride: int, g: torch.Generator
+    ) -> None:
+        super().__init__()
+        self.n, self.c_in, self.c_out, self.stride, self.pad = n, c_in, c_out, stride, k // 2
+        bound = 1.0 / math.sqrt(c_in * k * k)
+        self.weight = nn.Parameter(_uniform((n, c_out, c_in, k, k), bound, g))
+        self.bias = nn.Parameter(_uniform((n, c_out), bound, g))
+
+    def _conv(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        w = self.weight.reshape(self.n * self.c_out, *self.weight.shape[2:])
+        groups = 1 if x.shape[1] == self.c_in else self.n
+        return F.conv2d(x, w, bias, stride=self.stride, padding=self.pad, groups=groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.bias.reshape(-1))
+
+    def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward(x), self._conv(dx, None)
+
+
+class WLinear(nn.Module):
+    """n linear maps. weight: (n, D_out, D_in); (B, n, D_in) -> (B, n, D_out)."""
+
+    def __init__(self, n: int, d_in: int, d_out: int, g: torch.Generator) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(d_in)
+        self.weight = nn.Parameter(_uniform((n, d_out, d_in), bound, g))
+        self.bias = nn.Parameter(_uniform((n, d_out), bound, g))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bni,noi->bno", x, self.weight) + self.bias
+
+
+class WGroupNorm(nn.Module):
+    """Per-member GroupNorm: GroupNorm(groups * n, n * C). weight, bias: (n, C)."""
+
+    def __init__(self, n: int, groups: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.G, self.eps = n * groups, eps
+        self.weight = nn.Parameter(torch.ones(n, channels))
+        self.bias = nn.Parameter(torch.zeros(n, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, self.G, self.weight.reshape(-1), self.bias.reshape(-1), self.eps)
+
+    def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """d xhat = (dx - mean(dx) - xhat * mean(xhat dx)) / sigma, per group."""
+        B = x.shape[0]
+        xg = x.reshape(B, self.G, -1)
+        var, mu = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
+        rstd = torch.rsqrt(var + self.eps)
+        xhat = (xg - mu) * rstd
+        dg = dx.reshape(-1, B, self.G, xg.shape[-1])
+        dxhat = (dg - dg.mean(-1, keepdim=True) - xhat * (dg * xhat).mean(-1, keepdim=True)) * rstd
+        gamma = self.weight.reshape(1, -1, 1, 1)
+        return self.forward(x), dxhat.reshape(dx.shape) * gamma
+
+
+def cat_members(a: Tensor, b: Tensor, n: int) -> Tensor:
+    """Skip concatenation per member: (B, n*Ca, H, W), (B, n*Cb, H, W) -> (B, n*(Ca+Cb), H, W)."""
+    B, _, H, W = a.shape
+    out = torch.cat([a.reshape(B, n, -1, H, W), b.reshape(B, n, -1, H, W)], dim=2)
+    return out.reshape(B, -1, H, W)
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> conv -> + time embedding -> GN -> SiLU -> conv, plus a (1x1) skip."""
+
+    def __init__(
+        self, n: int, c_in: int, c_out: int, emb_dim: int, groups: int, g: torch.Generator
+    ) -> None:
+        super().__init__()
+        self.n, self.c_out = n, c_out
+        self.norm1 = WGroupNorm(n, groups, c_in)
+        self.conv1 = WConv(n, c_in, c_out, 3, 1, g)
+        self.emb = WLinear(n, emb_dim, c_out, g)
+        self.norm2 = WGroupNorm(n, groups, c_out)
+        self.conv2 = WConv(n, c_out, c_out, 3, 1, g)
+        self.skip = WConv(n, c_in, c_out, 1, 1, g) if c_in != c_out else None
+
+    def _emb(self, emb: Tensor) -> Tensor:
+        return self.emb(F.silu(emb)).reshape(emb.shape[0], self.n * self.c_out, 1, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self._emb(emb)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.skip is None else self.skip(x)) + h
+
+    def jvp(self, x: Tensor, dx: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
+        h, dh = self.norm1.jvp(x, dx)
+        h, dh = silu_jvp(h, dh)
+        h, dh = self.conv1.jvp(h, dh)
+        h = h + self._emb(emb)  # the time embedding does not depend on x: no tangent
+        h, dh = self.norm2.jvp(h, dh)
+        h, dh = silu_jvp(h, dh)
+        h, dh = self.conv2.jvp(h, dh)
+        if self.skip is None:
+            return x + h, dx + dh
+        s, ds = self.skip.jvp(x, dx)
+        return s + h, ds + dh
+
+
+class AttnBlock(nn.Module):
+    """Per-member multi-head self-attention over pixels, with a residual connection."""
+
+    def __init__(self, n: int, c: int, groups: int, heads: int, g: torch.Generator) -> None:
+        super().__init__()
+        if c % heads:
+            raise ValueError(f"{c} channels do not split into {heads} heads")
+        self.n, self.c, self.heads = n, c, heads
+        self.norm = WGroupNorm(n, groups, c)
+        self.qkv = WConv(n, c, 3 * c, 1, 1, g)
+        self.proj = WConv(n, c, c, 1, 1, g)
+
+    def _split(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(R, n*3C, H, W) -> q, k, v each (R, n, heads, C/heads, H*W)."""
+        R, _, H, W = qkv.shape
+        t = qkv.reshape(R, self.n, 3, self.heads, self.c // self.heads, H * W)
+        return t[:, :, 0], t[:, :, 1], t[:, :, 2]
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        B, _, H, W = x.shape
+        q, k, v = self._split(self.qkv(self.norm(x)))
+        scale = (self.c // self.heads) ** -0.5
+        a = torch.softmax(torch.einsum("bnhdq,bnhdk->bnhqk", q, k) * scale, dim=-1)
+        o = torch.einsum("bnhqk,bnhdk->bnhdq", a, v).reshape(B, -1, H, W)
+        return x + self.proj(o)
+
+    def jvp(self, x: Tensor, dx: Tensor, emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, _, H, W = x.shape
+        h, dh = self.norm.jvp(x, dx)
+        qkv, dqkv = self.qkv.jvp(h, dh)
+        q, k, v = self._split(qkv)
+        dq, dk, dv = (_as_rows(t, B) for t in self._split(dqkv))  # (m, B, n, h, d, L)
+        scale = (self.c // self.heads) ** -0.5
+        a = torch.softmax(torch.einsum("bnhdq,bnhdk->bnhqk", q, k) * scale, dim=-1)
+        ds = (
+            torch.einsum("mbnhdq,bnhdk->mbnhqk", dq, k) + torch.einsum("bnhdq,mbnhdk->mbnhqk", q, dk)
+        ) * scale
+        da = a * (ds - (a * ds).sum(-1, keepdim=True))
+        o = torch.einsum("bnhqk,bnhdk->bnhdq", a, v).reshape(B, -1, H, W)
+        do = torch.einsum("mbnhqk,bnhdk->mbnhdq", da, v) + torch.einsum(
+            "bnhqk,mbnhdk->mbnhdq", a, dv
+        )
+        p, dp = self.proj.jvp(o, do.reshape(-1, *o.shape[1:]))
+        return x + p, dx + dp
+
+
+class Down(nn.Module):
+    """Stride-2 3x3 convolution (halves H and W)."""
+
+    def __init__(self, n: int, c: int, g: torch.Generator) -> None:
+        super().__init__()
+        self.conv = WConv(n, c, c, 3, 2, g)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(x)
+
+    def jvp(self, x: Tensor, dx: Tensor, emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.conv.jvp(x, dx)
+
+
+class Up(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, n: int, c: int, g: torch.Generator) -> None:
+        super().__init__()
+        self.conv = WConv(n, c, c, 3, 1, g)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def jvp(self, x: Tensor, dx: Tensor, emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        up = F.interpolate
+        return self.conv.jvp(up(x, scale_factor=2.0, mode="nearest"), up(dx, scale_factor=2.0))
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding (Vaswani et al., as in Ho et al.). t: (...) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.to(torch.float32)[..., None] * freqs
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+class WideUNet(nn.Module):
+    """n member U-Nets eps_1..eps_n evaluated together.
+
+    forward(x_t, t) -> eps: (n, B, C, H, W), member i's noise prediction eps_i(x_t, t).
+    x_t is (B, C, H, W) (the same input to every member, as in sampling) or
+    (B, n*C, H, W) (one input per member, as in training); t is (B,) or (B, n).
+    """
+
+    def __init__(self, config: UNetConfig, n: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.config, self.n = config, n
+        g, cfg = generator, config
+        base, groups = cfg.base_channels, cfg.norm_groups
+        emb_dim = 4 * base
+        self.emb1 = WLinear(n, base, emb_dim, g)
+        self.emb2 = WLinear(n, emb_dim, emb_dim, g)
+        self.conv_in = WConv(n, cfg.image_channels, base, 3, 1, g)
+
+        self.down = nn.ModuleList()
+        skips = [base]
+        ch, res = base, cfg.image_size
+        for level, mult in enumerate(cfg.channel_mults):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(ResBlock(n, ch, base * mult, emb_dim, groups, g))
+                ch = base * mult
+                if res in cfg.attn_resolutions:
+                    self.down.append(AttnBlock(n, ch, groups, cfg.heads, g))
+                skips.append(ch)
+            if level + 1 < len(cfg.channel_mults):
+                self.down.append(Down(n, ch, g))
+                res //= 2
+                skips.append(ch)
+        self.mid = nn.ModuleList([ResBlock(n, ch, ch, emb_dim, groups, g)])
+        if cfg.attn_resolutions:
+            self.mid.append(AttnBlock(n, ch, groups, cfg.heads, g))
+        self.mid.append(ResBlock(n, ch, ch, emb_dim, groups, g))
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(ResBlock(n, ch + skips.pop(), base * mult, emb_dim, groups, g))
+                ch = base * mult
+                if res in cfg.attn_resolutions:
+                    self.up.append(AttnBlock(n, ch, groups, cfg.heads, g))
+            if level > 0:
+                self.up.append(Up(n, ch, g))
+                res *= 2
+        self.norm_out = WGroupNorm(n, groups, ch)
+        self.conv_out = WConv(n, ch, cfg.image_channels, 3, 1, g)
+
+    def time_embedding(self, t: Tensor, batch: int) -> Tensor:
+        """t: scalar, (B,) or (B, n) -> (B, n, 4 * base)."""
+        t = t.reshape(-1, 1) if t.dim() <= 1 else t
+        t = t.expand(batch, self.n)
+        e = timestep_embedding(t, self.config.base_channels).to(self.conv_in.weight.dtype)
+        return self.emb2(F.silu(self.emb1(e)))
+
+    def _out(self, h: Tensor) -> Tensor:
+        B, _, H, W = h.shape
+        return h.reshape(B, self.n, -1, H, W).transpose(0, 1)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        emb = self.time_embedding(t, x_t.shape[0])
+        h = self.conv_in(x_t)
+        hs = [h]
+        for blk in self.down:
+            h = blk(h, emb)
+            if isinstance(blk, AttnBlock):
+                hs[-1] = h  # attention refines the skip its ResBlock just pushed
+            else:
+                hs.append(h)
+        for blk in self.mid:
+            h = blk(h, emb)
+        for blk in self.up:
+            if isinstance(blk, ResBlock):
+                h = cat_members(h, hs.pop(), self.n)
+            h = blk(h, emb)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return self._out(h)
+
+    def jvp(self, x_t: Tensor, dx_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward-mode derivative with respect to the input, m tangents at once.
+
+        Args:
+            x_t: (B, C, H, W) input shared by all members; dx_t: (m, B, C, H, W) tangents.
+            t: scalar or (B,) timesteps.
+        Returns:
+            eps: (n, B, C, H, W) and d_eps: (m, n, B, C, H, W), d_eps[j, i] = (d eps_i / d x) dx_j.
+        """
+        B = x_t.shape[0]
+        m = dx_t.shape[0]
+        emb = self.time_embedding(t, B)
+        h, dh = self.conv_in.jvp(x_t, dx_t.reshape(m * B, *dx_t.shape[2:]))
+        hs = [(h, dh)]
+        for blk in self.down:
+            h, dh = blk.jvp(h, dh, emb)
+            if isinstance(blk, AttnBlock):
+                hs[-1] = (h, dh)
+            else:
+                hs.append((h, dh))
+        for blk in self.mid:
+            h, dh = blk.jvp(h, dh, emb)
+        for blk in self.up:
+            if isinstance(blk, ResBlock):
+                s, ds = hs.pop()
+                h, dh = cat_members(h, s, self.n), cat_members(dh, ds, self.n)
+            h, dh = blk.jvp(h, dh, emb)
+        h, dh = self.norm_out.jvp(h, dh)
+        h, dh = silu_jvp(h, dh)
+        h, dh = self.conv_out.jvp(h, dh)
+        H, W = dh.shape[-2:]
+        d_eps = dh.reshape(m, B, self.n, -1, H, W).transpose(1, 2)
+        return self._out(h), d_eps
+
+    def member(self, i: int) -> WideUNet:
+        """Member i as its own single-member (n = 1) network (a copy of its parameters)."""
+        single = WideUNet(self.config, 1, torch.Generator().manual_seed(0))
+        single.load_state_dict(member_state(self.state_dict(), i))
+        return single.to(device=self.conv_in.weight.device, dtype=self.conv_in.weight.dtype)
+
+
+def member_state(state: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+    """Slice member i out of a wide state dict (every tensor has a leading member axis)."""
+    return {k: v[i : i + 1].clone() for k, v in state.items()}
+
+
+def stack_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate single-member state dicts into one wide state dict."""
+    return {k: torch.cat([s[k] for s in states], dim=0) for k in states[0]}
+
+
+def num_parameters(net: WideUNet) -> int:
+    """Parameters per member."""
+    return sum(p.numel() for p in net.parameters()) // net.n
