@@ -83,6 +83,9 @@ def assign_codes(num_sources: int, n: int, k: int | None = None, seed: int = 0) 
     (fewer than n codes, or what is left near capacity) goes greedily to the least-loaded
     members with random tie-breaking. Reproducible from ``seed``.
 
+    When k = n/2, complementary codes are avoided while N <= C(n, k)/4: dw(~c) = -dw(c),
+    so synthetic ablation's Euclidean influence ||J dw|| could not tell such a pair apart.
+
     Returns:
         codes: (num_sources,) int64 bitmasks, bit i set when member i trains on the source.
     """
@@ -90,7 +93,14 @@ def assign_codes(num_sources: int, n: int, k: int | None = None, seed: int = 0) 
     check_capacity(num_sources, n, k)
     rng = np.random.default_rng(seed)
     mask = (1 << n) - 1
-    used: set[int] = set()
+    used: set[int] = set()  # codes taken (and, when avoiding them, their complements)
+    avoid_complements = 2 * k == n and num_sources <= capacity(n, k) // 4
+
+    def take(codes: list[int]) -> None:
+        used.update(codes)
+        if avoid_complements:
+            used.update(c ^ mask for c in codes)
+
     out: list[int] = []
     loads = np.zeros(n, dtype=np.int64)
 
@@ -100,11 +110,14 @@ def assign_codes(num_sources: int, n: int, k: int | None = None, seed: int = 0) 
     while len(out) < want_orbits * n and misses < 200:
         c = _random_code(rng, n, k)
         orbit = [_rotate(c, r, n, mask) for r in range(n)]
-        if len(set(orbit)) < n or any(o in used for o in orbit):
+        clash = len(set(orbit)) < n or any(o in used for o in orbit)
+        if avoid_complements and not clash:
+            clash = any((o ^ mask) in set(orbit) for o in orbit)
+        if clash:
             misses += 1
             continue
         misses = 0
-        used.update(orbit)
+        take(orbit)
         out.extend(orbit)
     loads += k * (len(out) // n)
 
@@ -120,7 +133,7 @@ def assign_codes(num_sources: int, n: int, k: int | None = None, seed: int = 0) 
                 break
         if code is None:  # near capacity: any unused code
             code = _random_unused(rng, n, k, used)
-        used.add(code)
+        take([code])
         out.append(code)
         loads += unpack_bits(np.array([code], dtype=np.int64), n)[0]
     codes = np.array(out, dtype=np.int64)
@@ -258,7 +271,8 @@ def make_codebook(
     elif granularity in ("class", "owner"):
         groups = labels if granularity == "class" else owners
         if groups is None:
-            raise ValueError(f"granularity '{granularity}' needs {'labels' if granularity == 'class' else 'owners'}")
+            need = "labels" if granularity == "class" else "owners"
+            raise ValueError(f"granularity '{granularity}' needs {need}")
         groups_arr = np.asarray(groups)
         if len(groups_arr) != num_items:
             raise ValueError(f"{len(groups_arr)} {granularity} entries for {num_items} items")

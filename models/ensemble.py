@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,9 @@ class DatasetInfo:
     fingerprint: str
     num_items: int
     shape: tuple[int, int, int]
+    spec: str = ""  # how to load it again (models.data.load_dataset), e.g. "digits"
+    subset: int | None = None  # a random subset of this size was used ...
+    subset_seed: int = 0  # ... drawn with this seed (ImageDataset.sample)
 
 
 @dataclass
@@ -127,7 +130,9 @@ class Ensemble:
                          "codes": torch.from_numpy(book.codes.copy()),
                          "item_source": torch.from_numpy(book.item_source.copy())},
             "dataset": {"name": self.dataset.name, "fingerprint": self.dataset.fingerprint,
-                        "num_items": self.dataset.num_items, "shape": list(self.dataset.shape)},
+                        "num_items": self.dataset.num_items, "shape": list(self.dataset.shape),
+                        "spec": self.dataset.spec, "subset": self.dataset.subset,
+                        "subset_seed": self.dataset.subset_seed},
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "train_state": self.train_state,
         }
@@ -169,7 +174,8 @@ class Ensemble:
                         cb["item_source"].numpy().astype(np.int64))
         ds = art["dataset"]
         info = DatasetInfo(ds["name"], ds["fingerprint"], int(ds["num_items"]),
-                           tuple(int(s) for s in ds["shape"]))  # type: ignore[arg-type]
+                           tuple(int(s) for s in ds["shape"]),  # type: ignore[arg-type]
+                           str(ds.get("spec", "")), ds.get("subset"), int(ds.get("subset_seed", 0)))
         cfg = UNetConfig.from_dict(art["unet"])
         net = WideUNet(cfg, book.n, torch.Generator().manual_seed(0))
         net.load_state_dict(art["state_dict"])
@@ -177,6 +183,3 @@ class Ensemble:
         schedule = NoiseSchedule(int(sch["T"]), float(sch["beta_start"]), float(sch["beta_end"]))
         ens = cls(net.to(device), schedule, book, info, str(art["preset"]), art.get("train_state"))
         return ens
-
-    def with_codebook(self, codebook: CodeBook) -> Ensemble:
-        return replace(self, codebook=codebook)

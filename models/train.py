@@ -60,7 +60,7 @@ def draw_batch(x_all: Tensor, splits: Sequence[Tensor], batch_size: int, T: int,
 
 def member_losses(net: WideUNet, schedule: NoiseSchedule, batch: Batch) -> Tensor:
     """Per-member mean squared error ||eps - eps_i(x_t, t)||^2: (n,)."""
-    n, B = batch.t.shape
+    B = batch.t.shape[1]
     x_t = schedule.q_sample(batch.x_0, batch.t, batch.eps)  # (n, B, C, H, W)
     pred = net(x_t.transpose(0, 1).reshape(B, -1, *x_t.shape[3:]), batch.t.T)
     return ((pred - batch.eps) ** 2).mean(dim=(1, 2, 3, 4))

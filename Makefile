@@ -1,0 +1,45 @@
+# One entry point for everything a newcomer (and CI) needs. See README.md.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+RUNS   ?= runs
+CKPT   ?= $(RUNS)/digits.pt
+
+.PHONY: install run demo test lint bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first, pinned, so no other package can pull a different torch build.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## run: train the default digits ensemble if absent, generate 16 samples, attribute them.
+run: demo
+
+demo: $(STAMP)
+	$(VENV)/bin/attrib train --out $(CKPT) --resume
+	$(VENV)/bin/attrib generate --ckpt $(CKPT) --count 16 --out $(RUNS)/samples.png
+	$(VENV)/bin/attrib attribute --ckpt $(CKPT) --count 16 --top-k 10 --verify-top-k 3 \
+		--out-json $(RUNS)/attribution.json --out-png $(RUNS)/attribution.png
+	@echo "Figure: $(RUNS)/attribution.png  Report: $(RUNS)/attribution.json  Samples: $(RUNS)/samples.png"
+
+## test: create/update the venv, lint, and run the whole suite.
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-quick: $(STAMP)
+	@for b in ensemble jacobian rank; do $(PY) bench/$$b.py --quick | tail -n 1; done
+
+bench: $(STAMP)
+	@for b in ensemble jacobian rank; do $(PY) bench/$$b.py | tail -n 1; done
+
+clean:
+	rm -rf $(RUNS) .pytest_cache .ruff_cache

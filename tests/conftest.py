@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny encoded ensemble trained once per test session.
+
+The ensemble is the "tiny" preset (T = 20, base 8 channels) with n = 8 members and k = 4
+on the first 60 scikit-learn digits (C(8, 4) = 70 >= 60 item codes). Training it takes a
+few seconds on 2 CPU cores. Tests must not mutate the session objects: use the copies
+(``tiny_net64`` etc.) or ``copy.deepcopy``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from models.codes import make_codebook
+from models.data import load_digits
+from models.ensemble import PRESETS, DatasetInfo, Ensemble
+from models.train import TrainConfig, train
+from models.unet import WideUNet
+
+TINY_ITEMS = 60
+TINY_N = 8
+TINY_K = 4
+
+
+@dataclass(frozen=True)
+class TinyData:
+    """The first 60 digits as float32 (N, 1, 8, 8) in [-1, 1], with their labels."""
+
+    x: torch.Tensor
+    labels: np.ndarray
+    info: DatasetInfo
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> TinyData:
+    ds = load_digits().subset(np.arange(TINY_ITEMS))
+    info = DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape)
+    assert ds.labels is not None
+    return TinyData(ds.to_tensor(), ds.labels.copy(), info)
+
+
+def make_tiny_ensemble(data: TinyData, n: int = TINY_N, k: int = TINY_K, seed: int = 0,
+                       num_items: int | None = None) -> Ensemble:
+    """A freshly initialised (untrained) tiny-preset ensemble over the first items."""
+    num = data.info.num_items if num_items is None else num_items
+    book = make_codebook(num, n, k, seed=seed)
+    info = data.info if num_items is None else DatasetInfo(
+        data.info.name, f"{data.info.fingerprint}:{num}", num, data.info.shape)
+    return Ensemble.create(PRESETS["tiny"], book, info, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tiny_data: TinyData) -> Ensemble:
+    """The tiny preset trained for its default 40 steps, frozen for inference (float32)."""
+    ens = make_tiny_ensemble(tiny_data)
+    p = PRESETS["tiny"]
+    train(ens, tiny_data.x, TrainConfig(p.train_steps, p.batch_size, p.lr, seed=0))
+    return ens.for_inference()
+
+
+@pytest.fixture(scope="session")
+def tiny_net64(tiny_ensemble: Ensemble) -> WideUNet:
+    """A float64 copy of the trained tiny ensemble's wide network (parameters frozen)."""
+    net = copy.deepcopy(tiny_ensemble.net).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
