@@ -1,0 +1,205 @@
+"""Tests for models.sampler: reproducible noise, weighted ensembles, exact counterfactuals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.ablation import ablation_weights
+from models.ensemble import Ensemble
+from models.sampler import (
+    exact_counterfactuals,
+    full_weights,
+    make_tape,
+    sample,
+    sample_loop,
+)
+from models.schedule import NoiseSchedule
+from models.unet import WideUNet, member_state, stack_states
+
+SHAPE = (1, 8, 8)
+
+
+def sub_ensemble(net: WideUNet, keep: list[int]) -> WideUNet:
+    """The members ``keep`` as their own wide ensemble (from their stacked state dicts)."""
+    state = net.state_dict()
+    sub = WideUNet(net.config, len(keep), torch.Generator().manual_seed(123))
+    sub.load_state_dict(stack_states([member_state(state, i) for i in keep]))
+    return sub.to(next(net.parameters()).dtype)
+
+
+# ----------------------------------------------------------------------------- noise tape
+
+
+def test_tape_shapes_and_seeds() -> None:
+    tape = make_tape([4, 9, 4], SHAPE, 6)
+    assert tape.seeds == (4, 9, 4)
+    assert tape.x_T.shape == (3, *SHAPE)
+    assert tape.z.shape == (5, 3, *SHAPE)
+    assert tape.steps == 6
+    assert torch.equal(tape.x_T[0], tape.x_T[2])
+    assert torch.equal(tape.z[:, 0], tape.z[:, 2])
+    assert not torch.equal(tape.x_T[0], tape.x_T[1])
+    sel = tape.select(torch.tensor([1, 1, 0]))
+    assert sel.seeds == (9, 9, 4)
+    assert torch.equal(sel.x_T[2], tape.x_T[0])
+    assert torch.equal(sel.z[:, 0], tape.z[:, 1])
+
+
+def test_tape_validation() -> None:
+    with pytest.raises(ValueError):
+        make_tape([1], SHAPE, 0)
+    with pytest.raises(ValueError, match="seed"):
+        make_tape([-1], SHAPE, 3)
+    with pytest.raises(ValueError, match="seed"):
+        make_tape([2**63], SHAPE, 3)
+    make_tape([2**63 - 1], SHAPE, 3)
+
+
+def test_tape_does_not_depend_on_batch() -> None:
+    alone = make_tape([5], SHAPE, 20)
+    together = make_tape([3, 5], SHAPE, 20)
+    assert torch.equal(alone.x_T[0], together.x_T[1])
+    assert torch.equal(alone.z[:, 0], together.z[:, 1])
+    assert not torch.equal(together.x_T[0], together.x_T[1])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sampling_is_deterministic(tiny_ensemble: Ensemble) -> None:
+    net, sch = tiny_ensemble.net, tiny_ensemble.schedule
+    a = sample(net, sch, make_tape([11, 12], SHAPE, sch.T))
+    b = sample(net, sch, make_tape([11, 12], SHAPE, sch.T))
+    assert a.shape == (2, *SHAPE)
+    assert a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert a.min() >= -1.0 and a.max() <= 1.0
+    c = sample(net, sch, make_tape([13, 12], SHAPE, sch.T))
+    assert not torch.equal(a[0], c[0])
+    # fewer (respaced) steps are reproducible too, and give another image
+    d = sample(net, sch, make_tape([11], SHAPE, 7))
+    assert torch.equal(d, sample(net, sch, make_tape([11], SHAPE, 7)))
+    assert not torch.equal(d[0], a[0])
+
+
+def test_sample_does_not_depend_on_batch(tiny_ensemble: Ensemble) -> None:
+    net, sch = tiny_ensemble.net, tiny_ensemble.schedule
+    alone = sample(net, sch, make_tape([5], SHAPE, sch.T))
+    together = sample(net, sch, make_tape([3, 5], SHAPE, sch.T))
+    torch.testing.assert_close(alone[0], together[1], atol=1e-6, rtol=0)
+    assert (together[0] - together[1]).abs().max() > 1e-2
+
+
+def test_sample_matches_loop(tiny_ensemble: Ensemble) -> None:
+    net, sch = tiny_ensemble.net, tiny_ensemble.schedule
+    tape = make_tape([1, 2, 3], SHAPE, sch.T)
+    members = [net.member(i) for i in range(net.n)]
+    torch.testing.assert_close(sample(net, sch, tape), sample_loop(members, sch, tape),
+                               atol=1e-5, rtol=0)
+    w = torch.softmax(torch.randn(net.n, generator=torch.Generator().manual_seed(0)), 0)
+    torch.testing.assert_close(sample(net, sch, tape, w), sample_loop(members, sch, tape, w),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("i", [0, 5])
+def test_one_hot_weight_is_the_member_alone(tiny_ensemble: Ensemble, i: int) -> None:
+    net, sch = tiny_ensemble.net, tiny_ensemble.schedule
+    tape = make_tape([7, 8], SHAPE, sch.T)
+    w = torch.zeros(net.n, dtype=torch.float64)
+    w[i] = 1.0
+    wide = sample(net, sch, tape, w)
+    single = net.member(i)
+    torch.testing.assert_close(wide, sample(single, sch, tape), atol=1e-5, rtol=0)
+    torch.testing.assert_close(wide, sample_loop([single], sch, tape, torch.tensor([1.0])),
+                               atol=1e-5, rtol=0)
+    assert (wide - sample(net, sch, tape)).abs().max() > 1e-3
+
+
+def test_sampler_is_ho_algorithm_2(tiny_ensemble: Ensemble) -> None:
+    """A hand-written ancestral loop with the full T steps gives the same sample."""
+    net, sch = tiny_ensemble.net, tiny_ensemble.schedule
+    tape = make_tape([21], SHAPE, sch.T)
+    x = tape.x_T.clone().double()
+    betas, ab = sch.betas, sch.alpha_bar
+    net64 = sub_ensemble(net, list(range(net.n))).double()
+    with torch.no_grad():
+        for s, t in enumerate(range(sch.T - 1, -1, -1)):
+            eps = net64(x, torch.tensor([t])).mean(0)
+            x = (x - betas[t] / (1 - ab[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
+            if t > 0:
+                x = x + betas[t].sqrt() * tape.z[s].double()
+    torch.testing.assert_close(sample(net64, sch, tape), x.clamp(-1, 1), atol=1e-10, rtol=0)
+
+
+# ----------------------------------------------------------------------------- counterfactuals
+
+
+def test_exact_counterfactual_is_the_remaining_members(tiny_ensemble: Ensemble) -> None:
+    net, sch, book = tiny_ensemble.net, tiny_ensemble.schedule, tiny_ensemble.codebook
+    tape = make_tape([31, 32], SHAPE, sch.T)
+    sources = [0, 17, 42]
+    bits = torch.from_numpy(book.bits()[sources])
+    W = ablation_weights(bits, book.k)
+    torch.testing.assert_close(W.sum(1), torch.ones(len(sources), dtype=torch.float64))
+    cross = exact_counterfactuals(net, sch, tape, W)
+    assert cross.shape == (len(sources), 2, *SHAPE)
+    for r, s in enumerate(sources):
+        keep = [i for i in range(net.n) if not bits[r, i]]
+        assert len(keep) == net.n - book.k
+        ref = sample(sub_ensemble(net, keep), sch, tape)  # uniform 1/(n - k) weights
+        torch.testing.assert_close(cross[r], ref, atol=1e-5, rtol=0)
+        # dense: the full wide net with the weight row
+        torch.testing.assert_close(cross[r], sample(net, sch, tape, W[r]), atol=1e-5, rtol=0)
+        # removing S(x) changes the sample
+        assert (cross[r] - sample(net, sch, tape)).abs().max() > 1e-3, s
+
+
+def test_exact_counterfactual_modes_agree(tiny_ensemble: Ensemble) -> None:
+    net, sch, book = tiny_ensemble.net, tiny_ensemble.schedule, tiny_ensemble.codebook
+    tape = make_tape([40, 41, 42], SHAPE, 10)
+    W = torch.cat([ablation_weights(torch.from_numpy(book.bits()[:3]), book.k),
+                   full_weights(net.n)[None]])
+    R, B = W.shape[0], 3
+    cross = exact_counterfactuals(net, sch, tape, W)
+    assert cross.shape == (R, B, *SHAPE)
+    # the full-weight row reproduces the ordinary sample
+    torch.testing.assert_close(cross[-1], sample(net, sch, tape), atol=1e-5, rtol=0)
+    # row r against sample b, in an arbitrary order, with repeats
+    pairs = [(2, 1), (0, 0), (3, 2), (2, 1), (1, 2), (0, 1)]
+    Wi = torch.stack([W[r] for r, _ in pairs])
+    idx = torch.tensor([b for _, b in pairs])
+    members = [net.member(i) for i in range(net.n)]
+    paired = exact_counterfactuals(net, sch, tape, Wi, idx, members=members)
+    assert paired.shape == (len(pairs), *SHAPE)
+    for j, (r, b) in enumerate(pairs):
+        torch.testing.assert_close(paired[j], cross[r, b], atol=1e-6, rtol=0)
+    # chunking does not change anything
+    chunked = exact_counterfactuals(net, sch, tape, Wi, idx, members=members, max_rows=2)
+    torch.testing.assert_close(chunked, paired, atol=1e-6, rtol=0)
+    cross_chunked = exact_counterfactuals(net, sch, tape, W, max_rows=5)
+    torch.testing.assert_close(cross_chunked, cross, atol=1e-6, rtol=0)
+
+
+def test_exact_counterfactual_rejects_bad_weights(tiny_ensemble: Ensemble) -> None:
+    net, sch = tiny_ensemble.net, tiny_ensemble.schedule
+    tape = make_tape([1], SHAPE, 3)
+    with pytest.raises(ValueError, match="W must be"):
+        exact_counterfactuals(net, sch, tape, torch.ones(2, net.n - 1))
+    with pytest.raises(ValueError, match="W must be"):
+        exact_counterfactuals(net, sch, tape, torch.ones(net.n))
+
+
+def test_schedule_respacing() -> None:
+    sch = NoiseSchedule(20)
+    assert sch.timesteps(20) == list(range(19, -1, -1))
+    assert sch.timesteps(1) == [19]
+    ts = sch.timesteps(5)
+    assert ts[0] == 19 and ts[-1] == 0 and ts == sorted(set(ts), reverse=True)
+    coefs = sch.sampling_coefficients(20)
+    for (t, a, b, sigma), beta in zip(coefs, sch.betas.flip(0).tolist(), strict=True):
+        assert a == pytest.approx((1 - beta) ** -0.5)
+        assert b == pytest.approx(beta / (1 - float(sch.alpha_bar[t])) ** 0.5)
+        assert sigma == pytest.approx(beta**0.5 if t > 0 else 0.0)
+    with pytest.raises(ValueError):
+        sch.timesteps(21)
