@@ -121,18 +121,21 @@ def assign_codes(num_sources: int, n: int, k: int | None = None, seed: int = 0) 
         out.extend(orbit)
     loads += k * (len(out) // n)
 
-    # 2) Greedy remainder on the least-loaded members (noise breaks ties, grows on collisions).
+    # 2) Greedy remainder: the least-loaded members (random tie-breaks within a load level);
+    #    if that code is taken, the unused code whose members carry the least load.
+    pool: np.ndarray | None = None
     while len(out) < num_sources:
         code = None
-        for attempt in range(64):
-            noise = rng.random(n) * (1.0 + attempt / 4.0)
-            members = np.argsort(loads + noise, kind="stable")[:k]
+        for _ in range(32):
+            members = np.argsort(loads + rng.random(n), kind="stable")[:k]
             cand = int(np.bitwise_or.reduce(np.left_shift(np.int64(1), members.astype(np.int64))))
             if cand not in used:
                 code = cand
                 break
-        if code is None:  # near capacity: any unused code
-            code = _random_unused(rng, n, k, used)
+        if code is None:
+            if pool is None:
+                pool = _candidate_pool(rng, n, k)
+            code = _least_loaded_unused(pool, n, loads, used, rng)
         take([code])
         out.append(code)
         loads += unpack_bits(np.array([code], dtype=np.int64), n)[0]
@@ -140,19 +143,31 @@ def assign_codes(num_sources: int, n: int, k: int | None = None, seed: int = 0) 
     return codes[rng.permutation(len(codes))]
 
 
-def _random_unused(rng: np.random.Generator, n: int, k: int, used: set[int]) -> int:
-    for _ in range(10_000):
-        c = _random_code(rng, n, k)
-        if c not in used:
-            return c
-    # Dense regime: enumerate what is left (only reachable when C(n, k) is small).
-    from itertools import combinations
+_ENUMERATE_UP_TO = 200_000
 
-    free = [
-        sum(1 << b for b in comb) for comb in combinations(range(n), k)
-        if sum(1 << b for b in comb) not in used
-    ]
-    return int(free[int(rng.integers(len(free)))])
+
+def _candidate_pool(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """Every weight-k code when C(n, k) is small, else a large random sample of them."""
+    if capacity(n, k) <= _ENUMERATE_UP_TO:
+        from itertools import combinations
+
+        return np.array([sum(1 << b for b in comb) for comb in combinations(range(n), k)],
+                        dtype=np.int64)
+    return np.unique([_random_code(rng, n, k) for _ in range(_ENUMERATE_UP_TO)])
+
+
+def _least_loaded_unused(pool: np.ndarray, n: int, loads: np.ndarray, used: set[int],
+                         rng: np.random.Generator) -> int:
+    """The unused pool code minimising (heaviest member load, total load); random ties."""
+    free = pool[np.fromiter((int(c) not in used for c in pool), bool, len(pool))]
+    if len(free) == 0:
+        raise CapacityError("no unused code left")  # unreachable after check_capacity
+    bits = unpack_bits(free, n).astype(bool)
+    heaviest = np.where(bits, loads[None, :], np.iinfo(np.int64).min).max(axis=1)
+    total = (bits * loads[None, :]).sum(axis=1)
+    key = heaviest * (int(loads.sum()) + 1) + total  # lexicographic (heaviest, total)
+    best = np.flatnonzero(key == key.min())
+    return int(free[rng.choice(best)])
 
 
 def unpack_bits(codes: np.ndarray, n: int) -> np.ndarray:

@@ -9,6 +9,7 @@ Adam is element-wise, so one Adam over the stacked parameters is n independent r
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,7 +100,7 @@ def train(ens: Ensemble, x_all: Tensor, cfg: TrainConfig, *, checkpoint: str | P
     x_all = x_all.cpu()
 
     def snapshot() -> dict[str, Any]:
-        return {"step": step, "optimizer": opt.state_dict(), "generator": g.get_state(),
+        return {"step": step, "optimizer": copy.deepcopy(opt.state_dict()), "generator": g.get_state(),
                 "config": asdict(cfg)}
 
     try:

@@ -97,10 +97,6 @@ def test_loads_spread_evenly(nkN: tuple[int, int, int], seed: int) -> None:
     assert loads.max() - loads.min() <= 2, f"uneven loads {loads.tolist()}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG models/codes.py assign_codes, step 2: when the least-loaded code is taken, the "
-    "tie-breaking noise grows (x(1 + attempt/4)) until it swamps the loads, so codes on "
-    "already-loaded members are accepted (spread up to 4)"))
 @pytest.mark.parametrize(("N", "n", "k", "seed"), [(60, 8, 4, 268), (105, 9, 5, 51),
                                                    (281, 11, 4, 132687697)])
 def test_loads_spread_evenly_near_capacity(N: int, n: int, k: int, seed: int) -> None:
@@ -184,7 +180,9 @@ def smallest_fitting_n(N: int) -> int:
 
 
 @pytest.mark.parametrize(("n", "k", "extra"), [(4, 2, 1), (6, 3, 1), (8, 4, 11), (10, 3, 500),
-                                               (12, 6, 1), (16, 8, 5000)])
+                                               (12, 6, 1), (16, 8, 5000),
+                                               (5, 2, 10),  # N = 20 = C(6, 3) exactly
+                                               (5, 2, 11)])  # N = 21 = C(7, 2) exactly
 def test_capacity_error_names_smallest_n(n: int, k: int, extra: int) -> None:
     N = math.comb(n, k) + extra
     with pytest.raises(CapacityError) as info:
