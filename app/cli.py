@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.runtime import tune_malloc
 from models.attribute import METRICS, AttributionConfig, SampleAttribution, attribute
 from models.codes import GRANULARITIES, CapacityError, default_k, make_codebook
 from models.data import DatasetError, ImageDataset, load_dataset
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()
     try:
         args.func(args)
     except (CLIError, DatasetError) as exc:

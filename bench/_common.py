@@ -11,7 +11,6 @@ time (user + sys of all threads), and only ratios measured within one run are me
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -26,25 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+from app.runtime import tune_malloc  # noqa: E402  (shared with the CLI)
 
 
-def tune_malloc() -> bool:
-    """Keep big tensor buffers on the heap instead of fresh mmap()s (no page-fault storm).
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" unless X is None/False or the help text already says it."""
 
-    Same effect as MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=... in the
-    environment (DESIGN.md section 7), but applied from inside the process. Returns True
-    when glibc accepted both settings.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    ok_mmap = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1_000_000_000))
-    ok_trim = libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
-    return bool(ok_mmap and ok_trim)
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        h = action.help or ""
+        if action.default is None or action.default is False or "default" in h or h == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +45,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                   help="tuned: raise glibc's mmap/trim thresholds via mallopt (default); "
+                   help="tuned (the default): raise glibc's mmap/trim thresholds via mallopt; "
                         "default: leave glibc malloc alone")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, codes and noise")
 
@@ -63,6 +54,7 @@ def configure(args: argparse.Namespace) -> dict[str, Any]:
     """Apply --threads/--malloc; returns the environment description for the JSON."""
     import torch
 
+    _START.update(_cpu_snapshot())
     malloc_ok = tune_malloc() if args.malloc == "tuned" else False
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -76,6 +68,33 @@ def configure(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_start": _loadavg(),
         "python": platform.python_version(),
     }
+
+
+_START: dict[str, float] = {}
+
+
+def _cpu_snapshot() -> dict[str, float]:
+    """Machine-wide busy CPU seconds (/proc/stat), this process's CPU seconds, wall time."""
+    snap = {"wall": time.perf_counter(), "self": time.process_time()}
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(x) for x in fh.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...
+        busy = sum(fields[:3]) + sum(fields[5:8])
+        snap["busy"] = busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return snap
+
+
+def other_cpu_share() -> float | None:
+    """Share of the machine's CPU capacity used by *other* processes since configure()."""
+    end = _cpu_snapshot()
+    if "busy" not in end or "busy" not in _START:
+        return None
+    wall = end["wall"] - _START["wall"]
+    other = (end["busy"] - _START["busy"]) - (end["self"] - _START["self"])
+    return round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None
 
 
 def _loadavg() -> float | None:
@@ -154,9 +173,28 @@ def weights_label(train_steps: int) -> str:
     return "random-init" if train_steps <= 0 else f"trained-{train_steps}-steps"
 
 
-def emit(result: dict[str, Any]) -> None:
-    """Print the single JSON result line (last line of stdout)."""
+def noisy(*timings: Timing, tol: float = 0.25) -> bool:
+    """True when some measurement's two best repeats differ by more than ``tol``."""
+    return any(len(t.walls) >= 2 and sorted(t.walls)[1] > (1 + tol) * t.wall for t in timings)
+
+
+def emit(result: dict[str, Any], *timings: Timing) -> None:
+    """Print the single JSON result line (last line of stdout).
+
+    Adds ``other_processes_cpu_share`` (CPU capacity used by other processes while this
+    ran, from /proc/stat) and ``warnings`` when that exceeds 20% or repeats disagreed:
+    ratios may then be off by a lot.
+    """
     result.setdefault("loadavg_end", _loadavg())
+    share = other_cpu_share()
+    result["other_processes_cpu_share"] = share
+    warnings = []
+    if share is not None and share > 0.2:
+        warnings.append(f"machine busy: other processes used {share:.0%} of all CPU time "
+                        "during this run; ratios may be off, rerun when it is idle")
+    if noisy(*timings):
+        warnings.append("repeats disagree by more than 25%: timings are noisy")
+    result["warnings"] = warnings
     print(json.dumps(result, sort_keys=False, default=_json_default), flush=True)
 
 
@@ -175,3 +213,32 @@ def params_per_member(net: Any) -> int:
     from models.unet import num_parameters
 
     return int(num_parameters(net))
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, *, max_repeats: int | None = None,
+                tol: float = 0.25, budget_s: float | None = None,
+                sync: Callable[[], None] | None = None,
+                ) -> tuple[dict[str, Timing], dict[str, Any]]:
+    """Time several callables round-robin (so they share the machine's load), best-of-N.
+
+    After ``repeats`` rounds, keeps going (up to ``max_repeats``, default 2 * repeats, and
+    while under ``budget_s`` seconds) until each callable's two best wall times agree within
+    ``tol``: one lucky or unlucky repeat then cannot decide a ratio alone.
+    """
+    max_repeats = max(repeats, max_repeats if max_repeats is not None else 2 * repeats)
+    timings = {name: Timing() for name in fns}
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    for r in range(max_repeats):
+        for name, fn in fns.items():
+            _, results[name] = measure(fn, 1, timings[name], sync)
+        log("  round " + str(r) + ": " + ", ".join(
+            f"{n} {t.walls[-1]:.3f} s (cpu {t.cpus[-1]:.3f})" for n, t in timings.items()))
+        if r + 1 < repeats:
+            continue
+        stable = all(len(t.walls) >= 2 and sorted(t.walls)[1] <= (1 + tol) * t.wall
+                     for t in timings.values())
+        over = budget_s is not None and time.perf_counter() - start > budget_s
+        if stable or over:
+            break
+    return timings, results

@@ -32,7 +32,7 @@ TARGET_TRAIN = 3.0
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=C.HelpFormatter)
     C.add_common_args(p)
     p.add_argument("--samples", type=int, default=16, help="samples per sampling run")
     p.add_argument("--sample-steps", type=int, default=None,
@@ -54,24 +54,21 @@ def bench_sampling(ens, args, env_repeats: int) -> dict:
             q.requires_grad_(False)
     tape = make_tape(list(range(args.seed, args.seed + args.samples)), ens.shape,
                      args.sample_steps)
-    wide_t, loop_t = C.Timing(), C.Timing()
-    C.log(f"sampling: {args.samples} samples x {args.sample_steps} steps, warm-up")
+    C.log(f"sampling: {args.samples} samples x {args.sample_steps} steps")
     warm = make_tape(tape.seeds, ens.shape, 3)  # warm-up at the timed shapes
     sample(net, ens.schedule, warm)
     sample_loop(members, ens.schedule, warm)
-    wide = loop = None
-    for r in range(env_repeats):  # interleaved, so both see the same machine load
-        _, wide = C.measure(lambda: sample(net, ens.schedule, tape), 1, wide_t)
-        _, loop = C.measure(lambda: sample_loop(members, ens.schedule, tape), 1, loop_t)
-        C.log(f"  repeat {r}: wide {wide_t.walls[-1]:.3f} s (cpu {wide_t.cpus[-1]:.3f}), "
-              f"loop {loop_t.walls[-1]:.3f} s (cpu {loop_t.cpus[-1]:.3f})")
-    assert wide is not None and loop is not None
+    tm, res = C.interleaved({"wide": lambda: sample(net, ens.schedule, tape),
+                             "loop": lambda: sample_loop(members, ens.schedule, tape)},
+                            env_repeats, budget_s=20.0 if args.quick else None)
+    wide_t, loop_t, wide, loop = tm["wide"], tm["loop"], res["wide"], res["loop"]
     return {
         "sample_speedup": C.ratio(loop_t.wall, wide_t.wall),
         "sample_speedup_cpu": C.ratio(loop_t.cpu, wide_t.cpu),
         "max_abs_diff": float((wide - loop).abs().max()),
         "sample_wide": wide_t.as_dict(),
         "sample_loop": loop_t.as_dict(),
+        "_timings": [wide_t, loop_t],
     }
 
 
@@ -105,19 +102,41 @@ def bench_training(ens, x_all, args, repeats: int) -> dict:
             opt.step()
 
     k = args.train_steps_timed
-    nb = 1 + k * repeats  # one warm-up step, then `repeats` timed chunks of k steps
+    max_rounds = 2 * repeats
+    nb = 1 + k * max_rounds  # one warm-up step, then up to `max_rounds` chunks of k steps
     draw_t, batches = C.measure(
         lambda: [draw_batch(x_all, splits, args.batch_size, T, g) for _ in range(nb)], 1)
     C.log(f"training: {wide.n} members x {args.batch_size} images, {k} steps per repeat")
     step_wide(batches[0])  # warm-up, also in lock-step for the parameter check
     step_loop(batches[0])
-    wide_t, loop_t = C.Timing(), C.Timing()
-    for r in range(repeats):
-        chunk = batches[1 + r * k : 1 + (r + 1) * k]
-        C.measure(lambda chunk=chunk: [step_wide(b) for b in chunk], 1, wide_t)
-        C.measure(lambda chunk=chunk: [step_loop(b) for b in chunk], 1, loop_t)
-        C.log(f"  repeat {r}: wide {wide_t.walls[-1] / k:.3f} s/step, "
-              f"loop {loop_t.walls[-1] / k:.3f} s/step")
+    # Same batch, same init: member i's gradient must equal the wide gradient's slice i.
+    grad_diff, grad_max = 0.0, 0.0
+    for (name, p), i_m in ((np_, i) for np_ in wide.named_parameters() for i in range(wide.n)):
+        gl = dict(loop[i_m].named_parameters())[name].grad
+        gw = p.grad[i_m : i_m + 1]
+        grad_diff = max(grad_diff, float((gw - gl).abs().max()))
+        grad_max = max(grad_max, float(gw.abs().max()))
+    it = iter(batches[1:])
+
+    def chunk() -> list[Batch]:
+        return [next(it) for _ in range(k)]
+
+    # Both nets must see the same batches in the same order (parameter check), so every
+    # round draws its chunk once and runs it on both.
+    pending: list[list[Batch]] = []
+
+    def run_wide() -> None:
+        pending.append(chunk())
+        for b in pending[-1]:
+            step_wide(b)
+
+    def run_loop() -> None:
+        for b in pending.pop():
+            step_loop(b)
+
+    tm, _ = C.interleaved({"wide": run_wide, "loop": run_loop}, repeats,
+                          max_repeats=max_rounds, budget_s=10.0 if args.quick else None)
+    wide_t, loop_t = tm["wide"], tm["loop"]
     sd = wide.state_dict()
     diff = 0.0
     for i, m in enumerate(loop):
@@ -131,10 +150,13 @@ def bench_training(ens, x_all, args, repeats: int) -> dict:
         "train_wide_s_per_step": round(per["wall"], 4),
         "train_loop_s_per_step": round(per_loop["wall"], 4),
         "train_draw_batch_s_per_step": round(draw_t.wall / nb, 4),
+        "train_grad_max_rel_diff": grad_diff / grad_max,
         "train_max_param_diff": diff,
+        "train_max_param_diff_in_lr_units": round(diff / lr, 3),
         "train_wide": wide_t.as_dict(),
         "train_loop": loop_t.as_dict(),
         "train_steps_per_repeat": k,
+        "_timings": [wide_t, loop_t],
     }
 
 
@@ -148,8 +170,11 @@ def main() -> None:
     ens, ds = C.digits_ensemble(args.seed, args.train_steps)
     ens.for_inference()
     out: dict = {"bench": "ensemble", "quick": args.quick}
-    out.update(bench_sampling(ens, args, args.repeats))
-    out.update(bench_training(ens, ds.to_tensor(), args, args.repeats))
+    s_res = bench_sampling(ens, args, args.repeats)
+    t_res = bench_training(ens, ds.to_tensor(), args, args.repeats)
+    timings = s_res.pop("_timings") + t_res.pop("_timings")
+    out.update(s_res)
+    out.update(t_res)
     out["targets"] = {"sample_speedup": f">= {TARGET_SAMPLE}", "train_speedup": f">= {TARGET_TRAIN}"}
     out["meets_targets"] = {"sample_speedup": out["sample_speedup"] >= TARGET_SAMPLE,
                             "train_speedup": out["train_speedup"] >= TARGET_TRAIN}
@@ -160,7 +185,7 @@ def main() -> None:
         "train_batch_per_member": args.batch_size, "repeats": args.repeats,
         "weights": C.weights_label(args.train_steps), "dataset": f"digits N={ds.N}", **env,
     }
-    C.emit(out)
+    C.emit(out, *timings)
 
 
 if __name__ == "__main__":
