@@ -24,7 +24,7 @@ import torch
 
 from models.ensemble import PRESETS
 from models.sampler import make_tape, sample, sample_loop
-from models.train import Batch, draw_batch, member_losses
+from models.train import Batch, draw_batch, make_optimizer, member_losses
 
 TARGET_SAMPLE = 2.5
 TARGET_TRAIN = 3.0
@@ -84,8 +84,8 @@ def bench_training(ens, x_all, args, repeats: int) -> dict:
     for m in loop:
         for q in m.parameters():
             q.requires_grad_(True)
-    opt_wide = torch.optim.Adam(wide.parameters(), lr=lr)
-    opt_loop = [torch.optim.Adam(m.parameters(), lr=lr) for m in loop]
+    opt_wide = make_optimizer(wide.parameters(), lr)
+    opt_loop = [make_optimizer(m.parameters(), lr) for m in loop]
 
     def step_wide(b: Batch) -> None:
         losses = member_losses(wide, ens.schedule, b)

@@ -136,15 +136,21 @@ class WGroupNorm(nn.Module):
 
     def jvp(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
         """d xhat = (dx - mean(dx) - xhat * mean(xhat dx)) / sigma, per group."""
-        B = x.shape[0]
+        B, Ch = x.shape[:2]
         xg = x.reshape(B, self.G, -1)
-        var, mu = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
-        rstd = torch.rsqrt(var + self.eps)
-        xhat = (xg - mu) * rstd
-        dg = dx.reshape(-1, B, self.G, xg.shape[-1])
-        dxhat = (dg - dg.mean(-1, keepdim=True) - xhat * (dg * xhat).mean(-1, keepdim=True)) * rstd
-        gamma = self.weight.reshape(1, -1, 1, 1)
-        return self.forward(x), dxhat.reshape(dx.shape) * gamma
+        xc = xg - xg.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + self.eps)  # (B, G, 1)
+        xhat = xc * rstd  # (B, G, L)
+        y = (xhat.reshape(x.shape) * self.weight.reshape(1, Ch, 1, 1)
+             + self.bias.reshape(1, Ch, 1, 1))
+        dg = dx.reshape(-1, B, self.G, xg.shape[-1])  # (m, B, G, L)
+        dxhat = dg - dg.mean(-1, keepdim=True)
+        dxhat = dxhat - xhat * (dg * xhat).mean(-1, keepdim=True)
+        # rstd (per group) and gamma (per channel) folded into one multiplier.
+        cpg = Ch // self.G
+        scale = rstd[..., None] * self.weight.reshape(1, self.G, cpg, 1)  # (B, G, C/G, 1)
+        dy = dxhat.reshape(dxhat.shape[0], B, self.G, cpg, -1) * scale
+        return y, dy.reshape(dx.shape)
 
 
 def cat_members(a: Tensor, b: Tensor, n: int) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from models.codes import CodeBook, make_codebook
 from models.ensemble import PRESETS, DatasetInfo, Ensemble
 from models.schedule import NoiseSchedule
-from models.train import Batch, TrainConfig, draw_batch, member_losses, train
+from models.train import Batch, TrainConfig, draw_batch, make_optimizer, member_losses, train
 from models.unet import WideUNet, stack_states
 from tests.conftest import TinyData
 
@@ -70,8 +70,8 @@ def test_batched_training_equals_independent_members(n: int) -> None:
     net = WideUNet(CFG, n, torch.Generator().manual_seed(3)).double()
     init = copy.deepcopy(net.state_dict())
     singles = [net.member(i) for i in range(n)]  # copies taken before training
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    opts = [torch.optim.Adam(s.parameters(), lr=lr) for s in singles]
+    opt = make_optimizer(net.parameters(), lr)
+    opts = [make_optimizer(s.parameters(), lr) for s in singles]
     g = torch.Generator().manual_seed(4)
     for _ in range(steps):
         b = draw_batch(x_all, splits, B, T, g)
@@ -113,7 +113,7 @@ def test_train_equals_manual_loop() -> None:
     assert [s for s, _ in seen] == [1, 2, 3]
     assert ens.train_state is not None and ens.train_state["step"] == 3
 
-    opt = torch.optim.Adam(manual.parameters(), lr=cfg.lr)
+    opt = make_optimizer(manual.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     for step in range(3):
         b = draw_batch(x, _splits(ens.codebook), cfg.batch_size, ens.schedule.T, g)
