@@ -143,13 +143,17 @@ class WGroupNorm(nn.Module):
         xhat = xc * rstd  # (B, G, L)
         y = (xhat.reshape(x.shape) * self.weight.reshape(1, Ch, 1, 1)
              + self.bias.reshape(1, Ch, 1, 1))
-        dg = dx.reshape(-1, B, self.G, xg.shape[-1])  # (m, B, G, L)
-        dxhat = dg - dg.mean(-1, keepdim=True)
-        dxhat = dxhat - xhat * (dg * xhat).mean(-1, keepdim=True)
-        # rstd (per group) and gamma (per channel) folded into one multiplier.
+        L = xg.shape[-1]
+        dg = dx.reshape(-1, B, self.G, L)  # (m, B, G, L)
+        mean_d = dg.mean(-1, keepdim=True)  # (m, B, G, 1)
+        mean_dx = (dg * xhat).mean(-1, keepdim=True)  # (m, B, G, 1)
+        # dy = (dg - mean_d - xhat * mean_dx) * rstd * gamma, with rstd * gamma folded into
+        # one per-channel multiplier s.
         cpg = Ch // self.G
-        scale = rstd[..., None] * self.weight.reshape(1, self.G, cpg, 1)  # (B, G, C/G, 1)
-        dy = dxhat.reshape(dxhat.shape[0], B, self.G, cpg, -1) * scale
+        s = rstd[..., None] * self.weight.reshape(1, self.G, cpg, 1)  # (B, G, C/G, 1)
+        d5 = dg.reshape(-1, B, self.G, cpg, L // cpg)
+        xs = xhat.reshape(B, self.G, cpg, L // cpg) * s
+        dy = torch.addcmul(d5 * s - mean_d[..., None] * s, xs, mean_dx[..., None], value=-1.0)
         return y, dy.reshape(dx.shape)
 
 
