@@ -115,11 +115,12 @@ def rank_codes(G: Tensor, dW: Tensor, top: int, *, chunk: int = 1 << 18) -> tupl
     M = dW.shape[0]
     top = min(top, M)
     G32 = G.to(torch.float32)
+    dW32 = dW.to(torch.float32)  # converted once, not once per sample
     best_s, best_i = [], []
     for b in range(G.shape[0]):
         cand_s, cand_i = [], []
         for m0 in range(0, M, chunk):
-            d = dW[m0 : m0 + chunk].to(torch.float32)
+            d = dW32[m0 : m0 + chunk]
             q = ((d @ G32[b]) * d).sum(dim=1)
             s, i = torch.topk(q, min(top, len(q)))
             cand_s.append(s)
