@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ckpt", default=DEFAULT_CKPT)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    from app.validate_cli import add_parser as add_validate_parser  # imports this module: not at top
+    add_validate_parser(sub)
     return p
 
 
