@@ -238,10 +238,10 @@ def _classes_figures(args: argparse.Namespace, res: V.ClassAblation, dists: dict
 
 # ------------------------------------------------------------------------ fidelity
 def cmd_fidelity(args: argparse.Namespace) -> None:
+    subset = None if args.sources == "all" else _positive_int(args.sources, "--sources")
     device, progress, t0 = _start(args)
     ens, ds, ens_extra = _ensemble(args, args.granularity, device, progress)
     tape, steps = _tape(args, ens)
-    subset = None if args.sources == "all" else _positive_int(args.sources, "--sources")
     t1 = time.perf_counter()
     score_fn = None
     if args.broken:

@@ -101,22 +101,25 @@ def exact_ablations(ens: Ensemble, tape: NoiseTape, sample_index: Tensor, source
 def mann_whitney_greater(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """One-sided Mann-Whitney U test that values in ``a`` tend to exceed those in ``b``.
 
-    U counts the pairs (a_i, b_j) with a_i > b_j (ties count 1/2); p comes from scipy's
-    tie-corrected normal approximation with continuity correction. p underflows to 0 for
-    strong effects on thousands of values, so log10(p) is also given, computed from the same
-    z in log space (scipy.stats.norm.logsf). auc = U / (n_a n_b), the probability that a
+    U counts the pairs (a_i, b_j) with a_i > b_j (ties count 1/2); p is scipy's (exact for
+    tiny untied samples, else the tie-corrected normal approximation with continuity
+    correction). p underflows to 0 for strong effects on thousands of values, so log10(p)
+    is also given: log10 of p where p > 0, else computed from the normal approximation's z
+    in log space (scipy.stats.norm.logsf). auc = U / (n_a n_b), the probability that a
     random a exceeds a random b.
     """
     a, b = np.asarray(a, float), np.asarray(b, float)
-    res = stats.mannwhitneyu(a, b, alternative="greater", method="asymptotic", use_continuity=True)
+    res = stats.mannwhitneyu(a, b, alternative="greater")
     n1, n2 = len(a), len(b)
     U = float(res.statistic)
     N = n1 + n2
     _, t = np.unique(np.concatenate([a, b]), return_counts=True)
     sigma = np.sqrt(n1 * n2 / 12.0 * ((N + 1) - float((t**3 - t).sum()) / (N * (N - 1))))
     z = (U - n1 * n2 / 2.0 - 0.5) / sigma if sigma > 0 else 0.0
-    return {"U": U, "p_value": float(res.pvalue), "log10_p": float(stats.norm.logsf(z) / np.log(10)),
-            "z": float(z), "auc": U / (n1 * n2), "n_a": n1, "n_b": n2}
+    p = float(res.pvalue)
+    log10_p = float(np.log10(p)) if p > 0 else float(stats.norm.logsf(z) / np.log(10))
+    return {"U": U, "p_value": p, "log10_p": log10_p, "z": float(z), "auc": U / (n1 * n2),
+            "n_a": n1, "n_b": n2}
 
 
 # ============================================================================ classifier
@@ -512,7 +515,7 @@ def nearest_training(images: Tensor, x_train: Tensor) -> tuple[np.ndarray, np.nd
     dist, idx = d.min(dim=1)
     dt = torch.cdist(xt, xt)
     dt.fill_diagonal_(float("inf"))
-    return idx.numpy(), dist.numpy(), float(dt.min(dim=1).values.median())
+    return idx.numpy(), dist.numpy(), float(np.median(dt.min(dim=1).values.numpy()))
 
 
 def copy_detection(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, top: int = 5,

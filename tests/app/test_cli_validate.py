@@ -1,0 +1,120 @@
+"""`attrib validate classes|fidelity|copies` end to end on tiny configurations: reports,
+figures, targets, the broken-attribution control and error handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from app.cli import main
+
+TINY = ["--preset", "tiny", "--n", "8", "--train-steps", "6", "--steps", "4", "--device", "cpu"]
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def classes_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("classes")
+    rc = main(["validate", "classes", "--out", str(out), "--subset", "120", "--samples", "6",
+               "--classifier", "logreg", "--lpips-random-trunk", "--raw", "--grid-rows", "3", *TINY])
+    assert rc == 0
+    return out
+
+
+def test_classes_report_and_figures(classes_out: Path) -> None:
+    r = _report(classes_out)
+    assert r["samples"] == 6 and r["ensemble"]["granularity"] == "class"
+    assert r["lpips"]["available"] and r["lpips"]["random_trunk"]
+    assert set(r["stats"]) == {"l2", "lpips"}
+    raw = r["raw"]
+    d = np.array(raw["l2"])
+    pred = np.array(raw["predicted"])
+    assert d.shape == (6, r["ensemble"]["sources"])
+    own = d[np.arange(6), pred]
+    others = np.concatenate([np.delete(d[b], pred[b]) for b in range(6)])
+    mw = r["stats"]["l2"]["mann_whitney"]
+    assert mw["p_value"] == pytest.approx(stats.mannwhitneyu(own, others, alternative="greater").pvalue)
+    assert r["stats"]["l2"]["frac_largest"] == pytest.approx(
+        np.mean([d[b, pred[b]] > np.delete(d[b], pred[b]).max() for b in range(6)]))
+    t = r["targets"]
+    assert t["samples"]["met"] is False  # 6 < 1000: the run cannot pass
+    assert r["passed"] is False
+    assert t["p_l2"]["met"] == (mw["log10_p"] < -30)
+    for png in r["figures"]:
+        assert Image.open(classes_out / png).size[0] > 100
+    assert (classes_out / "ensemble.pt").is_file()
+
+
+def test_classes_reuses_checkpoint_and_says_when_lpips_is_missing(
+        classes_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ATTRIB_LPIPS_BACKBONE", str(tmp_path / "missing.pth"))
+    rc = main(["validate", "classes", "--out", str(tmp_path), "--checkpoint",
+               str(classes_out / "ensemble.pt"), "--samples", "2", "--steps", "3",
+               "--classifier", "logreg", "--device", "cpu", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r == _report(tmp_path)
+    assert r["ensemble"]["checkpoint"].endswith("ensemble.pt")
+    assert r["lpips"]["available"] is False and "missing.pth" in r["lpips"]["reason"]
+    assert set(r["stats"]) == {"l2"} and r["targets"]["p_lpips"]["met"] is None
+
+
+def test_fidelity_and_broken_control(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    args = ["--subset", "60", "--samples", "2", "--train-steps", "20", "--steps", "6"]
+    assert main(["validate", "fidelity", "--out", str(good), *TINY, *args]) == 0
+    r = _report(good)
+    assert r["candidates"] == "all sources" and len(r["per_sample"]) == 2
+    assert all(p["candidates"] == 60 for p in r["per_sample"])
+    rho = [p["synthetic"]["spearman"] for p in r["per_sample"]]
+    assert r["summary"]["synthetic"]["median_spearman"] == pytest.approx(np.median(rho))
+    assert set(r["targets"]) == {"median_spearman", "median_recall_at_k", "beats_pixel_spearman",
+                                 "beats_pixel_recall"}
+    assert r["passed"] == all(t["met"] for t in r["targets"].values())
+    for png in r["figures"]:
+        assert Image.open(good / png).size[0] > 100
+    # the same ensemble with random synthetic scores must fail
+    assert main(["validate", "fidelity", "--out", str(bad), "--checkpoint", str(good / "ensemble.pt"),
+                 "--samples", "2", "--steps", "6", "--broken", "--device", "cpu"]) == 0
+    rb = _report(bad)
+    assert rb["broken_scores"] is True and rb["passed"] is False
+    assert rb["summary"]["synthetic"]["median_spearman"] < r["summary"]["synthetic"]["median_spearman"]
+    # --sources N: random N plus both top lists
+    sub = tmp_path / "sub"
+    assert main(["validate", "fidelity", "--out", str(sub), "--checkpoint", str(good / "ensemble.pt"),
+                 "--samples", "1", "--steps", "3", "--sources", "5", "--top", "3", "--device", "cpu"]) == 0
+    assert 5 <= _report(sub)["per_sample"][0]["candidates"] <= 11
+
+
+def test_copies_report(tmp_path: Path) -> None:
+    rc = main(["validate", "copies", "--out", str(tmp_path), "--subset", "40", "--samples", "3",
+               "--copy-ratio", "1e9", *TINY])
+    assert rc == 0
+    r = _report(tmp_path)
+    assert r["ensemble"]["items"] == 40 and r["n_copies"] == 3  # every sample counts at this ratio
+    hits = [p["top1_is_nearest"] for p in r["per_sample"]]
+    assert r["top1_rate_copies"] == pytest.approx(np.mean(hits))
+    assert r["passed"] == (np.mean(hits) >= 0.9)
+    assert Image.open(tmp_path / "copies.png").size[0] > 50
+
+
+def test_validate_errors_exit_2(tmp_path: Path, classes_out: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    # an item-level question asked of a class-granularity ensemble
+    rc = main(["validate", "copies", "--out", str(tmp_path), "--checkpoint",
+               str(classes_out / "ensemble.pt"), "--device", "cpu"])
+    assert rc == 2 and "granularity" in capsys.readouterr().err
+    rc = main(["validate", "fidelity", "--out", str(tmp_path), "--sources", "lots", *TINY,
+               "--subset", "20"])
+    assert rc == 2 and "--sources" in capsys.readouterr().err
+    rc = main(["validate", "classes", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "nope.pt")])
+    assert rc == 2

@@ -1,0 +1,236 @@
+"""Tests for models.validate: each experiment end to end on tiny ensembles, its raw numbers
+against independent recomputation (the wide sampler with explicit weights, numpy, scipy),
+and its statistics against scipy on the same numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from models import validate as V
+from models.ablation import ablation_weights, delta_w, gram, influence, jacobian
+from models.codes import make_codebook
+from models.data import load_digits
+from models.ensemble import PRESETS, DatasetInfo, Ensemble
+from models.sampler import make_tape, sample
+from models.train import TrainConfig, train
+from tests.conftest import TinyData
+
+STEPS = 8
+
+
+def _exact(ens: Ensemble, tape_seed: int, source: int) -> torch.Tensor:
+    """Independent exact counterfactual: the wide sampler with the ablation weights."""
+    bits = torch.from_numpy(ens.codebook.bits())[source : source + 1]
+    w = ablation_weights(bits, ens.k)[0]
+    return sample(ens.net, ens.schedule, make_tape([tape_seed], ens.shape, STEPS), w)[0]
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_mann_whitney_against_pairs_and_scipy() -> None:
+    rng = np.random.default_rng(0)
+    a = np.round(rng.normal(0.5, 1, 40), 1)  # rounding makes ties
+    b = np.round(rng.normal(0.0, 1, 90), 1)
+    mw = V.mann_whitney_greater(a, b)
+    pairs = (a[:, None] > b[None]).sum() + 0.5 * (a[:, None] == b[None]).sum()
+    assert mw["U"] == pytest.approx(pairs)
+    ref = stats.mannwhitneyu(a, b, alternative="greater")
+    assert mw["p_value"] == pytest.approx(ref.pvalue)
+    assert mw["log10_p"] == pytest.approx(np.log10(ref.pvalue), rel=1e-6)
+    assert mw["auc"] == pytest.approx(pairs / (40 * 90))
+    # a separation strong enough that p underflows: log10 p stays finite and tiny
+    strong = V.mann_whitney_greater(np.arange(3000) + 30000.0, np.arange(20000.0))
+    assert strong["p_value"] == 0.0 and strong["auc"] == 1.0
+    assert -1e5 < strong["log10_p"] < -1000
+    # where p does not underflow, the log-space normal approximation agrees with scipy's
+    big_a, big_b = rng.normal(1.0, 1, 2000), rng.normal(0.0, 1, 5000)
+    p_big = stats.mannwhitneyu(big_a, big_b, alternative="greater").pvalue
+    z = V.mann_whitney_greater(big_a, big_b)["z"]
+    assert 1e-280 < p_big < 1e-30
+    assert stats.norm.logsf(z) / np.log(10) == pytest.approx(np.log10(p_big), rel=1e-6)
+    # no effect: p near 1/2, not significant
+    assert V.mann_whitney_greater(b, b)["p_value"] > 0.4
+
+
+def test_class_ablation_stats_by_hand() -> None:
+    dist = np.array([[3.0, 1.0, 2.0],   # predicted 0: largest
+                     [1.0, 2.0, 2.0],   # predicted 1: tied with 2 -> not largest
+                     [5.0, 1.0, 0.5],   # predicted 2: not largest
+                     [0.0, 4.0, 1.0]])  # predicted 1: largest
+    pred = np.array([0, 1, 2, 1])
+    conf = np.array([0.95, 0.5, 0.99, 0.3])
+    st = V.class_ablation_stats(dist, pred, conf, 0.9)
+    assert st["frac_largest"] == 0.5
+    assert st["n_confident"] == 2 and st["frac_largest_confident"] == 0.5
+    own = np.array([3.0, 2.0, 0.5, 4.0])
+    others = np.array([1.0, 2.0, 1.0, 2.0, 5.0, 1.0, 0.0, 1.0])
+    ref = stats.mannwhitneyu(own, others, alternative="greater")
+    assert st["mann_whitney"]["U"] == pytest.approx(ref.statistic)
+    assert st["mann_whitney"]["p_value"] == pytest.approx(ref.pvalue)
+    assert st["median_predicted"] == 2.5 and st["median_other"] == 1.0
+
+
+def test_ranking_agreement_by_hand() -> None:
+    exact = np.arange(20.0)
+    score = exact.copy()
+    score[[19, 0]] = score[[0, 19]]  # exact's best ranked last, its worst first
+    ag = V.ranking_agreement(score, exact, k=5)
+    assert ag["recall_at_k"] == 4 / 5
+    assert ag["top1_in_exact_topk"] == 0.0
+    assert ag["spearman"] == pytest.approx(stats.spearmanr(score, exact).statistic)
+    assert ag["pearson"] == pytest.approx(stats.pearsonr(score, exact).statistic)
+
+
+# ----------------------------------------------------------------------------- class control
+@pytest.fixture(scope="module")
+def class_ensemble() -> tuple[Ensemble, torch.Tensor]:
+    """The tiny preset, n = 8, one code per class over the first 120 digits."""
+    ds = load_digits().subset(np.arange(120))
+    assert ds.labels is not None
+    book = make_codebook(ds.N, 8, 4, seed=0, granularity="class", labels=ds.labels)
+    ens = Ensemble.create(PRESETS["tiny"], book, DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape), 0)
+    train(ens, ds.to_tensor(), TrainConfig(15, 8, 2e-3, seed=0))
+    return ens.for_inference(), ds.to_tensor()
+
+
+def test_class_ablation_end_to_end(class_ensemble: tuple[Ensemble, torch.Tensor]) -> None:
+    ens, x = class_ensemble
+    clf = V.train_classifier(x, ens.codebook.item_source, kind="logreg")
+    assert 0.0 <= clf.accuracy <= 1.0 and clf.n_train + clf.n_test == 120
+    seeds = list(range(5))
+    calls: list[tuple[str, int, int]] = []
+    res = V.class_ablation(ens, make_tape(seeds, ens.shape, STEPS), clf, keep=2, chunk=16,
+                           progress=lambda *a: calls.append(a))
+    S = ens.codebook.num_sources
+    assert res.l2.shape == (5, S) and res.kept.shape == (2, S, 1, 8, 8)
+    assert ("exact", 5 * S, 5 * S) in calls and ("sample", 5, 5) in calls
+    np.testing.assert_allclose(res.proba, clf.predict_proba(res.images))
+    for b, s in ((0, 0), (3, S - 1), (4, int(res.predicted[4]))):
+        cf = _exact(ens, seeds[b], s)
+        ref = np.linalg.norm((cf - sample(ens.net, ens.schedule, make_tape([seeds[b]], ens.shape, STEPS))[0])
+                             .numpy())
+        assert res.l2[b, s] == pytest.approx(ref, abs=1e-4)
+    cf4 = _exact(ens, seeds[4], int(res.predicted[4]))
+    assert res.cf_pred[4] == clf.predict_proba(cf4[None]).argmax()
+    torch.testing.assert_close(res.kept[1, 0], _exact(ens, seeds[1], 0), atol=1e-4, rtol=0)
+    st = V.class_ablation_stats(res.l2, res.predicted, res.confidence)
+    own = res.l2[np.arange(5), res.predicted]
+    others = np.concatenate([np.delete(res.l2[b], res.predicted[b]) for b in range(5)])
+    assert st["mann_whitney"]["p_value"] == pytest.approx(
+        stats.mannwhitneyu(own, others, alternative="greater").pvalue)
+
+
+def test_class_ablation_refuses_item_granularity(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    clf = V.train_classifier(tiny_data.x, tiny_data.labels, kind="logreg")
+    with pytest.raises(ValueError, match="class-granularity"):
+        V.class_ablation(tiny_ensemble, make_tape([0], tiny_ensemble.shape, 2), clf)
+
+
+# ----------------------------------------------------------------------------- fidelity
+@pytest.fixture(scope="module")
+def fid(tiny_ensemble: Ensemble, tiny_data: TinyData) -> V.Fidelity:
+    return V.fidelity(tiny_ensemble, make_tape([0, 1, 2], tiny_ensemble.shape, STEPS), tiny_data.x,
+                      chunk=64, jacobian_batch=2)
+
+
+def test_fidelity_numbers_are_independent_recomputations(fid: V.Fidelity, tiny_ensemble: Ensemble,
+                                                         tiny_data: TinyData) -> None:
+    ens = tiny_ensemble
+    S = ens.codebook.num_sources
+    assert fid.all_sources and all(len(c) == S for c in fid.candidates)
+    tape = make_tape(fid.seeds, ens.shape, STEPS)
+    f, J = jacobian(ens.net, ens.schedule, tape)
+    dW = delta_w(torch.from_numpy(ens.codebook.bits()), ens.k)
+    syn = influence(gram(J), dW).numpy()
+    for b in range(3):
+        np.testing.assert_allclose(fid.synthetic[b], syn[b, fid.candidates[b]], rtol=1e-5)
+        pix = -np.linalg.norm((tiny_data.x - f[b]).flatten(1).numpy(), axis=1)
+        np.testing.assert_allclose(fid.pixel[b], pix[fid.candidates[b]], rtol=1e-5)
+    for b, s in ((0, 5), (2, 41)):
+        j = int(np.flatnonzero(fid.candidates[b] == s)[0])
+        cf = _exact(ens, fid.seeds[b], s)
+        assert fid.exact[b][j] == pytest.approx(float((cf - f[b]).norm()), abs=1e-4)
+        pred = (f[b] + (J[b] @ dW[s].float()).reshape(f[b].shape)).clamp(-1, 1)
+        assert fid.rel_err[b][j] == pytest.approx(float((pred - cf).norm() / (cf - f[b]).norm()), rel=1e-3)
+
+
+def test_fidelity_stats_match_scipy_and_random_scores_fail(fid: V.Fidelity) -> None:
+    st = V.fidelity_stats(fid, k=10)
+    rhos = [stats.spearmanr(fid.synthetic[b], fid.exact[b]).statistic for b in range(3)]
+    assert st["summary"]["synthetic"]["median_spearman"] == pytest.approx(np.median(rhos))
+    pix = [stats.spearmanr(fid.pixel[b], fid.exact[b]).statistic for b in range(3)]
+    assert st["summary"]["pixel"]["median_spearman"] == pytest.approx(np.median(pix))
+    recalls = [len(set(np.argsort(-fid.synthetic[b])[:10]) & set(np.argsort(-fid.exact[b])[:10])) / 10
+               for b in range(3)]
+    assert st["summary"]["synthetic"]["median_recall_at_k"] == pytest.approx(np.median(recalls))
+    assert st["summary"]["median_rel_err"] == pytest.approx(np.median(np.concatenate(fid.rel_err)))
+    # a deliberately broken attribution: random scores must fail the thresholds
+    rng = np.random.default_rng(0)
+    broken = dataclasses.replace(fid, synthetic=[rng.random(len(e)) for e in fid.exact])
+    bst = V.fidelity_stats(broken, k=10)
+    assert not bst["passed"]
+    assert not bst["targets"]["median_spearman"]["met"]
+    assert not bst["targets"]["median_recall_at_k"]["met"]
+    assert bst["summary"]["synthetic"]["median_spearman"] < 0.5
+    # the real synthetic ranking is far better than random on the same exact numbers
+    margin = st["summary"]["synthetic"]["median_spearman"] - bst["summary"]["synthetic"]["median_spearman"]
+    assert margin > 0.3
+
+
+def test_fidelity_subset_candidates(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    def by_index(scores: torch.Tensor) -> torch.Tensor:  # source s scores s: the top 4 are 56..59
+        return torch.arange(scores.shape[1], dtype=scores.dtype).expand_as(scores)
+
+    res = V.fidelity(tiny_ensemble, make_tape([7], tiny_ensemble.shape, 3), tiny_data.x, subset=6, top=4,
+                     score_fn=by_index)
+    c = res.candidates[0]
+    assert not res.all_sources and len(np.unique(c)) == len(c) and 6 <= len(c) <= 6 + 4 + 4
+    assert {56, 57, 58, 59} <= set(c.tolist())
+    np.testing.assert_array_equal(res.synthetic[0], c.astype(float))
+    full = V.pixel_scores(res.images, tiny_data.x, tiny_ensemble.codebook.item_source, 60)[0].numpy()
+    assert set(np.argsort(-full)[:4].tolist()) <= set(c.tolist())
+    np.testing.assert_allclose(res.pixel[0], full[c])
+
+
+# ----------------------------------------------------------------------------- copies
+def test_nearest_training_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    xt = torch.rand(30, 1, 4, 4, generator=g)
+    xs = torch.cat([xt[[3, 17]] + 0.001, torch.rand(2, 1, 4, 4, generator=g)])
+    idx, dist, med = V.nearest_training(xs, xt)
+    D = np.linalg.norm(xs.flatten(1).numpy()[:, None] - xt.flatten(1).numpy()[None], axis=2)
+    np.testing.assert_array_equal(idx, D.argmin(1))
+    np.testing.assert_allclose(dist, D.min(1), rtol=1e-6)
+    assert list(idx[:2]) == [3, 17]
+    T = np.linalg.norm(xt.flatten(1).numpy()[:, None] - xt.flatten(1).numpy()[None], axis=2)
+    np.fill_diagonal(T, np.inf)
+    assert med == pytest.approx(float(np.median(T.min(1))))
+
+
+def test_copy_detection_end_to_end(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    ens = tiny_ensemble
+    res = V.copy_detection(ens, make_tape(range(4), ens.shape, STEPS), tiny_data.x, top=3, jacobian_batch=3)
+    _, J = jacobian(ens.net, ens.schedule, make_tape(range(4), ens.shape, STEPS))
+    syn = influence(gram(J), delta_w(torch.from_numpy(ens.codebook.bits()), ens.k)).numpy()
+    best = syn[np.arange(4), res.top_sources[:, 0]]  # the top source scores the maximum (float32 ties)
+    np.testing.assert_allclose(best, syn.max(1), rtol=1e-5)
+    everything = V.copy_stats(res, copy_ratio=1e9)  # every sample counts as a copy
+    assert everything["n_copies"] == 4
+    hits = np.mean(res.top_sources[:, 0] == res.nn_source)
+    assert everything["top1_rate_copies"] == pytest.approx(hits) == everything["top1_rate_all"]
+    nothing = V.copy_stats(res, copy_ratio=0.0)
+    assert nothing["n_copies"] == 0 and np.isnan(nothing["top1_rate_copies"])
+
+
+def test_copy_stats_by_hand() -> None:
+    res = V.CopyDetection(seeds=[0, 1, 2, 3], images=torch.zeros(4, 1, 2, 2),
+                          nn_item=np.array([5, 6, 7, 8]), nn_dist=np.array([0.1, 0.2, 0.9, 0.3]),
+                          train_nn_median=1.0, top_sources=np.array([[5, 1], [2, 6], [7, 0], [8, 3]]),
+                          nn_source=np.array([5, 6, 7, 8]))
+    st = V.copy_stats(res, copy_ratio=0.5)  # copies: samples 0, 1, 3
+    assert st["n_copies"] == 3 and st["top1_rate_copies"] == pytest.approx(2 / 3)
+    assert st["top2_rate_copies"] == 1.0 and st["top1_rate_all"] == 0.75
