@@ -382,15 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     from app.validate_cli import add_parser as add_validate_parser  # imports this module: not at top
     add_validate_parser(sub)
+
+    from app.service_cli import add_parsers as add_service_parsers
+
+    add_service_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.service_cli import ServiceError
+
     args = build_parser().parse_args(argv)
     tune_malloc()
     try:
         args.func(args)
-    except (CLIError, DatasetError) as exc:
+    except (CLIError, DatasetError, ServiceError) as exc:
         print(f"attrib {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -7,7 +7,7 @@ This is the one function the CLI and the service workers call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,14 +97,25 @@ def attribute(ens: Ensemble, tape: NoiseTape, cfg: AttributionConfig,
     LPIPS. The top ``verify_top_k`` then get exact counterfactuals (same noise, members of
     S(x) dropped) and the agreement of both scores.
     """
+    f, J = jacobian(ens.net, ens.schedule, tape, max_rows=cfg.max_rows)
+    results = rank_sources(ens, tape.seeds, f, J, cfg, lpips)
+    if cfg.verify_top_k:
+        verify(ens, tape, results, cfg, lpips, members)
+    return results
+
+
+def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg: AttributionConfig,
+                 lpips: LPIPSMetric | None = None) -> list[SampleAttribution]:
+    """Synthetic ranking from an already computed Jacobian (e.g. one stored by the service).
+
+    f: (B, C, H, W) samples; J: (B, D, n) their Jacobians with respect to the weights (D = C*H*W).
+    """
     if cfg.metric == "lpips" and lpips is None:
         raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
-    net, book = ens.net, ens.codebook
-    bits = torch.from_numpy(book.bits())
-    dW = delta_w(bits, book.k)  # (S, n)
-    f, J = jacobian(net, ens.schedule, tape, max_rows=cfg.max_rows)
+    book = ens.codebook
+    dW = delta_w(torch.from_numpy(book.bits()), book.k)  # (S, n)
     G = gram(J)
-    n_cand = cfg.rerank if cfg.metric == "lpips" else cfg.top_k
+    n_cand = min(cfg.rerank if cfg.metric == "lpips" else cfg.top_k, book.num_sources)
     cand_scores, cand_idx = rank_codes(G, dW, n_cand)
     preds = predicted_counterfactuals(f, J, dW[cand_idx]).clamp(-1, 1)  # (B, R, C, H, W)
 
@@ -120,11 +131,55 @@ def attribute(ens: Ensemble, tape: NoiseTape, cfg: AttributionConfig,
         else:
             ranking = [SourceScore(int(i), float(s)) for i, s in zip(idx, l2s, strict=True)]
             cf = preds[b][: cfg.top_k]
-        results.append(SampleAttribution(tape.seeds[b], f[b], G[b], ranking, cf))
-
-    if cfg.verify_top_k:
-        verify(ens, tape, results, cfg, lpips, members)
+        results.append(SampleAttribution(seeds[b], f[b], G[b], ranking, cf))
     return results
+
+
+def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionConfig,
+                    lpips: LPIPSMetric | None = None, members: Sequence[WideUNet] | None = None,
+                    chunk: int = 512, progress: Callable[[float], None] | None = None) -> SampleAttribution:
+    """Rank every source of one sample by its *exact* counterfactual distance (no Jacobian).
+
+    One sampling run per source (members of S(x) dropped, same noise), ``chunk`` sources at a
+    time with member skipping. tape: one seed; f: (C, H, W) the sample. The ranking's ``l2``
+    (and ``lpips``) hold the exact distances, as do exact_l2 / exact_lpips.
+    """
+    if tape.x_T.shape[0] != 1:
+        raise ValueError("attribute_exact ranks one sample at a time")
+    if cfg.metric == "lpips" and lpips is None:
+        raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
+    bits = torch.from_numpy(ens.codebook.bits())
+    S = bits.shape[0]
+    scores = torch.empty(S, dtype=torch.float64)
+    top_images: dict[int, Tensor] = {}
+    for lo in range(0, S, chunk):
+        hi = min(S, lo + chunk)
+        W = ablation_weights(bits[lo:hi], ens.k)
+        x = exact_counterfactuals(ens.net, ens.schedule, tape, W, torch.zeros(hi - lo, dtype=torch.long),
+                                  members=members, max_rows=cfg.max_rows)
+        ref = f[None].expand_as(x)
+        d = (lpips(x, ref) if cfg.metric == "lpips" and lpips is not None else l2_distance(x, ref))
+        scores[lo:hi] = d.cpu().to(torch.float64)
+        # Keep only the images that can still make the top k.
+        order = torch.argsort(scores[:hi], descending=True)[: cfg.top_k].tolist()
+        keep = {i: (top_images[i] if i in top_images else x[i - lo]) for i in order}
+        top_images = keep
+        if progress is not None:
+            progress(hi / S)
+    order = torch.argsort(scores, descending=True)[: cfg.top_k].tolist()
+    ranking = []
+    for i in order:
+        s = float(scores[i])
+        if cfg.metric == "lpips":
+            x_i = top_images[i][None]
+            l2 = float(l2_distance(x_i, f[None]).cpu()[0])
+            ranking.append(SourceScore(i, l2, s, exact_l2=l2, exact_lpips=s))
+        else:
+            ranking.append(SourceScore(i, s, exact_l2=s))
+    cfs = torch.stack([top_images[i] for i in order])
+    n = ens.n
+    return SampleAttribution(tape.seeds[0], f, torch.zeros(n, n, dtype=torch.float64), ranking, cfs,
+                             exact_counterfactuals=cfs)
 
 
 def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],

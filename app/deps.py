@@ -1,0 +1,101 @@
+"""Request dependencies: settings, a database session, the caller."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth import Principal, authenticate, hash_key
+from app.db import Database
+from app.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: <API key>")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_db(request: Request) -> Database:
+    return request.app.state.db  # type: ignore[no-any-return]
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery  # type: ignore[no-any-return]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    db: Database = request.app.state.db
+    with db.session() as s:
+        yield s
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+class KeyCache:
+    """Recently authenticated keys (by hash) for ``ttl`` seconds: one DB lookup per key per
+    TTL instead of per request. Revocation therefore takes effect within ``ttl``."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._hits: dict[str, tuple[float, Principal | None]] = {}
+
+    def get(self, key: str) -> tuple[bool, Principal | None]:
+        hit = self._hits.get(hash_key(key))
+        if hit is None or time.monotonic() - hit[0] > self.ttl:
+            return False, None
+        return True, hit[1]
+
+    def put(self, key: str, p: Principal | None) -> None:
+        if len(self._hits) > 10_000:
+            self._hits.clear()
+        self._hits[hash_key(key)] = (time.monotonic(), p)
+
+
+def get_principal(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_header)],
+) -> Principal:
+    key = bearer.credentials if bearer is not None else header
+    if not key:
+        raise HTTPException(401, "missing API key (Authorization: Bearer <key> or X-API-Key)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    settings: Settings = request.app.state.settings
+    cache: KeyCache = request.app.state.key_cache
+    found, p = cache.get(key) if cache.ttl > 0 else (False, None)
+    if not found:
+        with request.app.state.db.session() as s:
+            p = authenticate(s, key, settings.operator_key)
+        if cache.ttl > 0:
+            cache.put(key, p)
+    if p is None:
+        raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return p
+
+
+def require_operator(p: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not p.is_operator:
+        raise HTTPException(403, "operator route: a rights holder's key cannot use it")
+    return p
+
+
+def require_owner(p: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if p.is_operator:
+        raise HTTPException(403, "rights-holder route: use a rights holder's key")
+    return p
+
+
+OperatorDep = Annotated[Principal, Depends(require_operator)]
+OwnerDep = Annotated[Principal, Depends(require_owner)]

@@ -1,0 +1,220 @@
+"""The FastAPI application: ``create_app(settings)``; ``app.main:app`` for uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from celery import Celery
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app import jobs
+from app.db import Database
+from app.deps import KeyCache
+from app.orm import Job
+from app.queue import make_celery
+from app.routes import operator, works
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyLimit:
+    """413 for a body over ``limit`` bytes, by Content-Length or while streaming (chunked)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(scope, receive, send)
+                    return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = JSONResponse({"detail": f"request body is over the limit max_body_bytes={self.limit}"},
+                            status_code=413)
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("attrib_http_requests_total", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("attrib_http_request_seconds", "HTTP request latency", ["method", "route"],
+                                 registry=self.registry,
+                                 buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.jobs = Gauge("attrib_jobs", "jobs by kind and status", ["kind", "status"],
+                          registry=self.registry)
+        self.requeued = Counter("attrib_jobs_resent_total", "lost jobs re-sent by the reaper",
+                                registry=self.registry)
+
+
+def _reaper(app: FastAPI, stop: threading.Event) -> None:
+    st = app.state
+    while not stop.wait(st.settings.reaper_interval_s):
+        try:
+            n = len(jobs.requeue_lost(st.db, st.celery, st.settings))
+            if n:
+                st.metrics.requeued.inc(n)
+        except Exception as exc:  # database or broker down: try again next period
+            log.warning("reaper: %s", exc)
+
+
+def _why(exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"error: {type(exc).__name__}: {first}"
+
+
+def create_app(settings: Settings | None = None, *, celery: Celery | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        t = None
+        if settings.reaper_interval_s > 0:
+            t = threading.Thread(target=_reaper, args=(app, stop), name="reaper", daemon=True)
+            t.start()
+        yield
+        stop.set()
+        if t is not None:
+            t.join(timeout=5)
+        app.state.db.dispose()
+
+    app = FastAPI(
+        title="Attribution service for diffusion models",
+        version="0.1.0",
+        description=(
+            "Which training works shaped a generated image, what it would look like without them, "
+            "and, for each rights holder, where their works were used. Built on encoded ensembles "
+            "(Dai, Yew, Gifford). Authenticate with `Authorization: Bearer <key>` or `X-API-Key`: "
+            "operator keys for generation and attribution, a rights holder's key for `/works`. "
+            "Long work runs as jobs: a POST answers 202 with a job id to poll at `/jobs/{id}`. "
+            "Errors are JSON `{\"detail\": ...}`; a request past a limit gets a 4xx naming the limit."),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = Database(settings.database_url)
+    app.state.celery = celery or make_celery(settings)
+    app.state.key_cache = KeyCache(settings.auth_cache_s)
+    app.state.metrics = metrics = Metrics()
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    @app.exception_handler(DBAPIError)
+    async def db_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "database unavailable; retry later"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    app.include_router(operator.router)
+    app.include_router(works.router)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: database and broker reachable",
+             responses={503: {"description": "a dependency is down; `failed` names it"}})
+    def readyz() -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            app.state.db.ping()
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = _why(exc)
+        try:
+            with app.state.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+            checks["broker"] = "ok"
+        except Exception as exc:
+            checks["broker"] = _why(exc)
+        failed = [k for k, v in checks.items() if v != "ok"]
+        return JSONResponse({"status": "ready" if not failed else "unavailable", "failed": failed,
+                             "checks": checks}, status_code=503 if failed else 200)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    def prometheus() -> Response:
+        try:
+            with app.state.db.session() as s:
+                rows = s.execute(select(Job.kind, Job.status, func.count())
+                                 .group_by(Job.kind, Job.status)).all()
+            metrics.jobs.clear()
+            for kind, status, n in rows:
+                metrics.jobs.labels(kind, status).set(n)
+        except Exception as exc:  # metrics must answer while the database is down
+            log.warning("metrics: %s", exc)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: before any parsing
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``app.main:app`` builds the application from the environment on first use."""
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

@@ -1,0 +1,57 @@
+"""The Celery application shared by the API (which only publishes job ids) and the worker.
+
+Embedded default: kombu's filesystem transport in <data_dir>/broker (no server). At scale:
+``BROKER_URL=redis://...``. Results never go through Celery: the job row is the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.settings import Settings
+
+TASK_NAME = "attrib.run_job"
+QUEUE = "attrib"
+
+
+def make_celery(settings: Settings) -> Celery:
+    transport: dict[str, Any] = {}
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.broker_folder.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        transport = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    elif settings.broker_url.startswith(("redis", "rediss")):
+        transport = {
+            # An unacknowledged message comes back only after this; the API's reaper re-sends
+            # lost jobs long before, so keep it above the longest task.
+            "visibility_timeout": settings.job_soft_time_limit_s + 600,
+            "socket_connect_timeout": 3,
+            "socket_timeout": 10,
+        }
+    app = Celery("attrib", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        task_default_queue=QUEUE,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_soft_time_limit=settings.job_soft_time_limit_s,
+        task_time_limit=settings.job_soft_time_limit_s + 60,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=200,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def publish(celery: Celery, job_id: str) -> None:
+    """Send one job id to the queue (raises on broker failure; the reaper retries later)."""
+    celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE,
+                     retry=True, retry_policy={"max_retries": 2, "interval_start": 0,
+                                               "interval_step": 0.2, "interval_max": 0.5})

@@ -1,0 +1,383 @@
+"""Operator routes: generate, attribute, jobs, generations, attributions, batches.
+
+Handlers only validate, write rows and publish job ids; workers do the computing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import jobs
+from app.deps import CeleryDep, DatabaseDep, OperatorDep, SessionDep, SettingsDep
+from app.orm import (
+    Attribution,
+    AttributionEntry,
+    Batch,
+    EnsembleRow,
+    Generation,
+    Image,
+    Job,
+    Owner,
+    SourceCode,
+    TrainingItem,
+)
+from app.pictures import MAX_SCALE, predicted_counterfactual, rescale_png, to_png
+from app.schemas import (
+    AttributeAccepted,
+    AttributeCreate,
+    AttributeOptions,
+    AttributionPublic,
+    BatchAccepted,
+    BatchCreate,
+    BatchPublic,
+    EntryPublic,
+    ErrorPublic,
+    GenerateAccepted,
+    GenerateCreate,
+    GenerationPublic,
+    JobPublic,
+)
+from app.settings import Settings
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorPublic, "description": "missing, invalid or revoked API key"},
+    403: {"model": ErrorPublic, "description": "a rights holder's key on an operator route"},
+    404: {"model": ErrorPublic, "description": "no such object"},
+    413: {"model": ErrorPublic, "description": "body larger than max_body_bytes"},
+    422: {"model": ErrorPublic, "description": "invalid request, or past a limit (named in the message)"},
+    503: {"model": ErrorPublic, "description": "the database is unavailable"},
+}
+PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
+    "optional: a retried request with the same key returns the first request's job"))]
+Scale = Annotated[int, Query(ge=1, le=MAX_SCALE, description="integer upscaling (nearest neighbour)")]
+
+router = APIRouter(tags=["operator"], responses=ERRORS)
+
+
+def limit(name: str, value: int, settings: Settings, what: str) -> None:
+    cap = int(getattr(settings, name))
+    if value > cap:
+        raise HTTPException(422, f"{what} {value} is over the limit {name}={cap}")
+
+
+def png_response(png: bytes, scale: int = 1) -> Response:
+    return Response(rescale_png(png, scale), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=86400"})
+
+
+def _ensemble(s: Session, ensemble_id: int | None) -> EnsembleRow:
+    if ensemble_id is None:
+        row = s.scalar(select(EnsembleRow).where(EnsembleRow.status == "ready")
+                       .order_by(EnsembleRow.id.desc()))
+        if row is None:
+            raise HTTPException(404, "no ready ensemble: train and register one (attrib service register)")
+        return row
+    row = s.get(EnsembleRow, ensemble_id)
+    if row is None:
+        raise HTTPException(404, f"ensemble {ensemble_id} not found")
+    if row.status != "ready":
+        raise HTTPException(409, f"ensemble {ensemble_id} is {row.status}, not ready")
+    return row
+
+
+def _steps(requested: int | None, ens: EnsembleRow, settings: Settings) -> int:
+    steps = requested or min(ens.T, settings.max_steps)
+    limit("max_steps", steps, settings, "steps")
+    if steps > ens.T:
+        raise HTTPException(422, f"steps {steps} is more than the ensemble's T={ens.T}")
+    return steps
+
+
+def _generations(s: Session, ensemble_id: int, seeds: list[int], steps: int) -> list[Generation]:
+    """Get or create one generation per seed (a sample is determined by ensemble, seed, steps)."""
+    existing = {g.seed: g for g in s.scalars(select(Generation).where(
+        Generation.ensemble_id == ensemble_id, Generation.steps == steps, Generation.seed.in_(seeds)))}
+    out = []
+    for seed in seeds:
+        g = existing.get(seed)
+        if g is None:
+            g = Generation(ensemble_id=ensemble_id, seed=seed, steps=steps, status="pending")
+            try:
+                with s.begin_nested():
+                    s.add(g)
+            except IntegrityError:  # created concurrently
+                g = s.scalars(select(Generation).where(Generation.ensemble_id == ensemble_id,
+                                                       Generation.steps == steps,
+                                                       Generation.seed == seed)).one()
+        out.append(g)
+    return out
+
+
+def _replay(s: Session, key: str | None, kind: str) -> Job | None:
+    if key is None:
+        return None
+    job = s.scalar(select(Job).where(Job.idempotency_key == key))
+    if job is not None and job.kind != kind:
+        raise HTTPException(409, f"Idempotency-Key {key!r} was used for a {job.kind} request")
+    return job
+
+
+@router.post("/generate", status_code=202, response_model=GenerateAccepted,
+             summary="Sample images (asynchronously)")
+def generate(body: GenerateCreate, _: OperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+             settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> GenerateAccepted:
+    """Creates one generation per seed and a job that samples them. Poll `GET /jobs/{job_id}`;
+    the same (ensemble, seed, steps) always gives the same generation and the same bytes."""
+    seeds = body.seed_list()
+    limit("max_seeds_per_request", len(seeds), settings, "number of seeds")
+    old = _replay(s, idempotency_key, "generate")
+    if old is not None:
+        return GenerateAccepted(job_id=old.id, **old.payload["response"])
+    ens = _ensemble(s, body.ensemble_id)
+    steps = _steps(body.steps, ens, settings)
+    gens = _generations(s, ens.id, seeds, steps)
+    ids = [g.id for g in gens]
+    resp = {"generation_ids": ids, "ensemble_id": ens.id, "steps": steps}
+    job = jobs.new_job(s, "generate", {"generation_ids": ids, "response": resp},
+                       idempotency_key=idempotency_key)
+    pending = any(g.status != "done" for g in gens)
+    if not pending:  # everything already sampled: nothing to queue
+        job.status, job.progress, job.result = "succeeded", 1.0, {"generation_ids": ids, "sampled": 0}
+        job.finished_at = job.created_at
+    _commit_once(s, idempotency_key)
+    if pending:
+        jobs.enqueue(db, celery, [job.id])
+    return GenerateAccepted(job_id=job.id, **resp)
+
+
+def _commit_once(s: Session, idempotency_key: str | None) -> None:
+    try:
+        s.commit()
+    except IntegrityError as exc:
+        s.rollback()
+        if idempotency_key is not None:
+            raise HTTPException(409, f"a request with Idempotency-Key {idempotency_key!r} is being "
+                                "processed; retry to get its result") from exc
+        raise
+
+
+def _attribution(s: Session, gen: Generation, opt: AttributeOptions,
+                 settings: Settings) -> tuple[Attribution, bool]:
+    """Get or create the attribution; returns (row, needs_job)."""
+    limit("max_top_k", opt.top_k, settings, "top_k")
+    limit("max_verify_top_k", opt.verify_top_k, settings, "verify_top_k")
+    verify_k = 0 if opt.method == "exact" else opt.verify_top_k  # exact entries are exact already
+    key = dict(generation_id=gen.id, method=opt.method, metric=opt.metric, top_k=opt.top_k,
+               verify_top_k=verify_k)
+    att = s.scalar(select(Attribution).filter_by(**key))
+    if att is None:
+        att = Attribution(**key, status="pending")
+        try:
+            with s.begin_nested():
+                s.add(att)
+        except IntegrityError:
+            att = s.scalars(select(Attribution).filter_by(**key)).one()
+            return att, False
+        return att, True
+    if att.status == "failed":  # asking again retries
+        att.status = "pending"
+        return att, True
+    return att, False
+
+
+@router.post("/attribute", status_code=202, response_model=AttributeAccepted,
+             summary="Attribute a generation to its training works (asynchronously)")
+def attribute(body: AttributeCreate, _: OperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+              settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> AttributeAccepted:
+    """Ranks every training work by how much removing it would change the generation. The same
+    request twice returns the same attribution (and its job, while it runs)."""
+    old = _replay(s, idempotency_key, "attribute")
+    if old is not None:
+        return AttributeAccepted(job_id=old.id, attribution_id=int(old.payload["attribution_id"]))
+    gen = s.get(Generation, body.generation_id)
+    if gen is None:
+        raise HTTPException(404, f"generation {body.generation_id} not found")
+    att, needs_job = _attribution(s, gen, body, settings)
+    if not needs_job and att.job_id is not None:
+        s.commit()
+        return AttributeAccepted(job_id=att.job_id, attribution_id=att.id)
+    job = jobs.new_job(s, "attribute", {"attribution_id": att.id}, idempotency_key=idempotency_key)
+    att.job_id = job.id
+    _commit_once(s, idempotency_key)
+    jobs.enqueue(db, celery, [job.id])
+    return AttributeAccepted(job_id=job.id, attribution_id=att.id)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, summary="Status and progress of a job")
+def get_job(job_id: str, _: OperatorDep, s: SessionDep) -> JobPublic:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    return JobPublic.model_validate(job, from_attributes=True)
+
+
+def _generation_public(g: Generation) -> GenerationPublic:
+    return GenerationPublic(
+        id=g.id, ensemble_id=g.ensemble_id, seed=g.seed, steps=g.steps, status=g.status,  # type: ignore[arg-type]
+        image_url=f"/generations/{g.id}/image.png" if g.image_sha else None, image_sha256=g.image_sha,
+        has_jacobian=g.jacobian is not None, created_at=g.created_at, finished_at=g.finished_at)
+
+
+@router.get("/generations/{generation_id}", response_model=GenerationPublic, summary="A generation")
+def get_generation(generation_id: int, _: OperatorDep, s: SessionDep) -> GenerationPublic:
+    g = s.get(Generation, generation_id)
+    if g is None:
+        raise HTTPException(404, f"generation {generation_id} not found")
+    return _generation_public(g)
+
+
+@router.get("/generations/{generation_id}/image.png", responses=PNG, response_class=Response,
+            summary="A generation's PNG")
+def get_generation_image(generation_id: int, _: OperatorDep, s: SessionDep, scale: Scale = 1) -> Response:
+    g = s.get(Generation, generation_id)
+    if g is None:
+        raise HTTPException(404, f"generation {generation_id} not found")
+    if g.image_sha is None:
+        raise HTTPException(404, f"generation {generation_id} is not sampled yet")
+    img = s.get(Image, g.image_sha)
+    assert img is not None
+    return png_response(img.png, scale)
+
+
+def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
+    rows = s.execute(
+        select(AttributionEntry.rank, AttributionEntry.training_item_id, AttributionEntry.score,
+               AttributionEntry.exact_score, AttributionEntry.counterfactual_sha, TrainingItem.external_ref,
+               TrainingItem.label, TrainingItem.owner_id, Owner.name)
+        .join(TrainingItem, TrainingItem.id == AttributionEntry.training_item_id)
+        .outerjoin(Owner, Owner.id == TrainingItem.owner_id)
+        .where(AttributionEntry.attribution_id == att.id)
+        .order_by(AttributionEntry.rank)
+    ).all()
+    entries = [EntryPublic(rank=r[0], training_item_id=r[1], score=r[2], exact_score=r[3],
+                           counterfactual_url=f"/attributions/{att.id}/counterfactual/{r[1]}.png",
+                           counterfactual_kind="exact" if r[4] else "predicted",
+                           external_ref=r[5], label=r[6], owner_id=r[7], owner_name=r[8]) for r in rows]
+    return AttributionPublic(id=att.id, generation_id=att.generation_id, method=att.method, metric=att.metric,
+                             top_k=att.top_k, verify_top_k=att.verify_top_k, status=att.status,  # type: ignore[arg-type]
+                             agreement=att.agreement, created_at=att.created_at, finished_at=att.finished_at,
+                             entries=entries)
+
+
+@router.get("/attributions/{attribution_id}", response_model=AttributionPublic,
+            summary="A ranking of training works, with owners and exact scores where verified")
+def get_attribution(attribution_id: int, _: OperatorDep, s: SessionDep) -> AttributionPublic:
+    att = s.get(Attribution, attribution_id)
+    if att is None:
+        raise HTTPException(404, f"attribution {attribution_id} not found")
+    return attribution_public(s, att)
+
+
+def counterfactual_png(s: Session, attribution_id: int, item_id: int) -> bytes:
+    """The exact counterfactual's PNG where one was computed, else f + J dw rendered."""
+    row = s.execute(
+        select(AttributionEntry.counterfactual_sha, Attribution.generation_id)
+        .join(Attribution, Attribution.id == AttributionEntry.attribution_id)
+        .where(AttributionEntry.attribution_id == attribution_id,
+               AttributionEntry.training_item_id == item_id)
+    ).first()
+    if row is None:
+        raise HTTPException(404, f"training item {item_id} is not ranked in attribution {attribution_id}")
+    if row[0] is not None:
+        img = s.get(Image, row[0])
+        assert img is not None
+        return img.png
+    gen = s.get(Generation, row[1])
+    assert gen is not None
+    ens = s.get(EnsembleRow, gen.ensemble_id)
+    code = s.scalar(select(SourceCode.code).where(SourceCode.ensemble_id == gen.ensemble_id,
+                                                  SourceCode.training_item_id == item_id))
+    if ens is None or code is None or gen.sample is None or gen.jacobian is None:
+        raise HTTPException(404, "no counterfactual stored for this entry")
+    c, h, w = ens.config["shape"]
+    return to_png(predicted_counterfactual(gen.sample, gen.jacobian, (c, h, w), int(code), ens.n, ens.k))
+
+
+@router.get("/attributions/{attribution_id}/counterfactual/{item_id}.png", responses=PNG,
+            response_class=Response, summary="The generation without one training work")
+def get_counterfactual(attribution_id: int, item_id: int, _: OperatorDep, s: SessionDep,
+                       scale: Scale = 1) -> Response:
+    """The exact counterfactual (same noise, the members trained on the work dropped) where
+    verified, otherwise the one synthetic ablation predicts (first order)."""
+    return png_response(counterfactual_png(s, attribution_id, item_id), scale)
+
+
+@router.post("/batches", status_code=202, response_model=BatchAccepted,
+             summary="Many seeds at once, optionally attributed")
+def create_batch(body: BatchCreate, _: OperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+                 settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
+    """Samples every seed (and attributes each sample when `attribute` is given); follow
+    `GET /batches/{batch_id}` for progress over the whole batch."""
+    seeds = body.seed_list()
+    limit("max_batch_seeds", len(seeds), settings, "number of seeds")
+    if idempotency_key is not None:
+        old = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        if old is not None and old.batch_id is not None:
+            ids = list(s.scalars(select(Job.id).where(Job.batch_id == old.batch_id)))
+            b = s.get(Batch, old.batch_id)
+            assert b is not None
+            return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids)
+    ens = _ensemble(s, body.ensemble_id)
+    steps = _steps(body.steps, ens, settings)
+    opt = body.attribute
+    batch = Batch(ensemble_id=ens.id, steps=steps, total=len(seeds),
+                  attribute=opt.model_dump() if opt else None)
+    s.add(batch)
+    s.flush()
+    gens = _generations(s, ens.id, seeds, steps)
+    new_jobs: list[Job] = []
+    if opt is None:
+        pending = [g.id for g in gens if g.status != "done"]
+        step = settings.generate_chunk
+        for lo in range(0, len(pending), step):
+            new_jobs.append(jobs.new_job(s, "generate", {"generation_ids": pending[lo : lo + step]},
+                                         batch_id=batch.id))
+    else:
+        for g in gens:  # an attribute job samples its generation itself when needed
+            att, needs = _attribution(s, g, opt, settings)
+            if needs or att.status != "succeeded":
+                j = jobs.new_job(s, "attribute", {"attribution_id": att.id}, batch_id=batch.id)
+                att.job_id = j.id
+                new_jobs.append(j)
+    if new_jobs and idempotency_key is not None:
+        new_jobs[0].idempotency_key = idempotency_key
+    batch.generation_ids = [g.id for g in gens]
+    _commit_once(s, idempotency_key)
+    jobs.enqueue(db, celery, [j.id for j in new_jobs])
+    return BatchAccepted(batch_id=batch.id, total=len(seeds), job_ids=[j.id for j in new_jobs])
+
+
+@router.get("/batches/{batch_id}", response_model=BatchPublic, summary="Progress over a whole batch")
+def get_batch(batch_id: int, _: OperatorDep, s: SessionDep) -> BatchPublic:
+    b = s.get(Batch, batch_id)
+    if b is None:
+        raise HTTPException(404, f"batch {batch_id} not found")
+    rows = s.execute(select(Job.status, func.count(), func.sum(Job.progress))
+                     .where(Job.batch_id == b.id).group_by(Job.status)).all()
+    counts = Counter({st: int(c) for st, c, _ in rows})
+    njobs = sum(counts.values())
+    # Finished jobs count fully, the others by their own progress.
+    done_jobs = counts["succeeded"] + counts["failed"]
+    running = sum(float(p or 0) for st, _, p in rows if st in ("queued", "running"))
+    prog = (done_jobs + running) / njobs if njobs else 1.0
+    gen_ids = [int(i) for i in b.generation_ids]
+    att_ids: list[int] = []
+    if b.attribute:
+        opt = AttributeOptions.model_validate(b.attribute)
+        verify_k = 0 if opt.method == "exact" else opt.verify_top_k
+        by_gen = dict(s.execute(select(Attribution.generation_id, Attribution.id).where(
+            Attribution.generation_id.in_(gen_ids), Attribution.method == opt.method,
+            Attribution.metric == opt.metric, Attribution.top_k == opt.top_k,
+            Attribution.verify_top_k == verify_k)).tuples().all())
+        att_ids = [by_gen[g] for g in gen_ids if g in by_gen]
+    return BatchPublic(id=b.id, ensemble_id=b.ensemble_id, steps=b.steps, total=b.total,
+                       attribute=b.attribute,
+                       jobs=dict(counts), progress=round(prog, 4), done=done_jobs == njobs,
+                       generation_ids=gen_ids, attribution_ids=att_ids, created_at=b.created_at)

@@ -1,0 +1,119 @@
+"""Rights-holder routes: a holder sees only their own works and where they were influential.
+
+Another owner's work answers 404 (never 403: ids of others' works are not confirmed).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.auth import Principal
+from app.deps import OwnerDep, SessionDep, SettingsDep
+from app.orm import Attribution, AttributionEntry, Generation, Image, TrainingItem
+from app.routes.operator import ERRORS, PNG, Scale, counterfactual_png, limit, png_response
+from app.schemas import InfluencePage, InfluencePublic, WorkPage, WorkPublic
+
+router = APIRouter(prefix="/works", tags=["rights holder"],
+                   responses={k: v for k, v in ERRORS.items() if k != 403} | {
+                       403: {"model": ERRORS[403]["model"], "description": "an operator key (use a "
+                             "rights holder's key)"}})
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
+Limit = Annotated[int, Query(ge=1, description="page size; at most max_page_size")]
+
+
+def _own(s: Session, p: Principal, work_id: int) -> TrainingItem:
+    item = s.get(TrainingItem, work_id)
+    if item is None or item.owner_id != p.owner_id:
+        raise HTTPException(404, f"work {work_id} not found")
+    return item
+
+
+def _work_public(t: TrainingItem) -> WorkPublic:
+    return WorkPublic(id=t.id, dataset_id=t.dataset_id, external_ref=t.external_ref, label=t.label,
+                      sha256=t.sha256, image_url=f"/works/{t.id}/image.png")
+
+
+@router.get("", response_model=WorkPage, summary="Your works")
+def list_works(p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
+               limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
+                                            "max_page_size")] = 100) -> WorkPage:
+    limit("max_page_size", limit_, settings, "limit")
+    q = select(TrainingItem).where(TrainingItem.owner_id == p.owner_id)
+    total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    items = s.scalars(q.order_by(TrainingItem.id).offset(offset).limit(limit_))
+    return WorkPage(items=[_work_public(t) for t in items], total=total, offset=offset, limit=limit_)
+
+
+@router.get("/{work_id}", response_model=WorkPublic, summary="One of your works")
+def get_work(work_id: int, p: OwnerDep, s: SessionDep) -> WorkPublic:
+    return _work_public(_own(s, p, work_id))
+
+
+@router.get("/{work_id}/image.png", responses=PNG, response_class=Response, summary="Your work's image")
+def get_work_image(work_id: int, p: OwnerDep, s: SessionDep, scale: Scale = 1) -> Response:
+    img = s.get(Image, _own(s, p, work_id).image_sha)
+    assert img is not None
+    return png_response(img.png, scale)
+
+
+@router.get("/{work_id}/influence", response_model=InfluencePage,
+            summary="Generations in which your work ranked in the top k")
+def get_influence(work_id: int, p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
+                  limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
+                                               "max_page_size")] = 100) -> InfluencePage:
+    """Newest first: every finished attribution that ranked this work, with its rank, score
+    (exact where verified) and links to the generated image and to its counterfactual."""
+    limit("max_page_size", limit_, settings, "limit")
+    _own(s, p, work_id)
+    q = (select(AttributionEntry.rank, AttributionEntry.score, AttributionEntry.exact_score,
+                Attribution.id, Attribution.top_k, Attribution.method, Attribution.metric,
+                Attribution.finished_at, Attribution.created_at,
+                Generation.id, Generation.ensemble_id, Generation.seed)
+         .join(Attribution, Attribution.id == AttributionEntry.attribution_id)
+         .join(Generation, Generation.id == Attribution.generation_id)
+         .where(AttributionEntry.training_item_id == work_id, Attribution.status == "succeeded"))
+    total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = s.execute(q.order_by(Attribution.id.desc()).offset(offset).limit(limit_)).all()
+    base = f"/works/{work_id}/influence"
+    items = [InfluencePublic(rank=r[0], score=r[1], exact_score=r[2], attribution_id=r[3], top_k=r[4],
+                             method=r[5], metric=r[6], created_at=r[7] or r[8], generation_id=r[9],
+                             ensemble_id=r[10], seed=r[11],
+                             generation_url=f"{base}/{r[3]}/generation.png",
+                             counterfactual_url=f"{base}/{r[3]}/counterfactual.png") for r in rows]
+    return InfluencePage(work_id=work_id, items=items, total=total, offset=offset, limit=limit_)
+
+
+def _ranked(s: Session, p: Principal, work_id: int, attribution_id: int) -> Attribution:
+    _own(s, p, work_id)
+    att = s.get(Attribution, attribution_id)
+    ranked = att is not None and att.status == "succeeded" and s.scalar(
+        select(AttributionEntry.id).where(AttributionEntry.attribution_id == attribution_id,
+                                          AttributionEntry.training_item_id == work_id)) is not None
+    if not ranked or att is None:
+        raise HTTPException(404, f"work {work_id} is not ranked in attribution {attribution_id}")
+    return att
+
+
+@router.get("/{work_id}/influence/{attribution_id}/generation.png", responses=PNG, response_class=Response,
+            summary="The generation your work influenced")
+def get_influenced_generation(work_id: int, attribution_id: int, p: OwnerDep, s: SessionDep,
+                              scale: Scale = 1) -> Response:
+    att = _ranked(s, p, work_id, attribution_id)
+    gen = s.get(Generation, att.generation_id)
+    if gen is None or gen.image_sha is None:
+        raise HTTPException(404, "generation image not found")
+    img = s.get(Image, gen.image_sha)
+    assert img is not None
+    return png_response(img.png, scale)
+
+
+@router.get("/{work_id}/influence/{attribution_id}/counterfactual.png", responses=PNG,
+            response_class=Response, summary="That generation without your work")
+def get_influenced_counterfactual(work_id: int, attribution_id: int, p: OwnerDep, s: SessionDep,
+                                  scale: Scale = 1) -> Response:
+    _ranked(s, p, work_id, attribution_id)
+    return png_response(counterfactual_png(s, attribution_id, work_id), scale)

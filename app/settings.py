@@ -1,0 +1,80 @@
+"""Service configuration: environment -> Settings -> the app, the worker and the CLI.
+
+With no environment at all everything lives under ``./data`` (SQLite database, a
+filesystem broker, checkpoints): the embedded default. ``DATABASE_URL`` and ``BROKER_URL``
+(or their ``ATTRIB_``-prefixed forms) switch to PostgreSQL and Redis; every other field is
+``ATTRIB_<FIELD>``, e.g. ``ATTRIB_MAX_STEPS=500``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTRIB_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(Path("data"), description="local folder of the embedded default")
+    database_url: str = Field("", validation_alias=AliasChoices("DATABASE_URL", "ATTRIB_DATABASE_URL"),
+                              description="SQLAlchemy URL; default sqlite:///<data_dir>/attrib.db")
+    broker_url: str = Field("", validation_alias=AliasChoices("BROKER_URL", "ATTRIB_BROKER_URL"),
+                            description="Celery broker; default filesystem:// under <data_dir>/broker")
+    operator_key: str | None = Field(None, description="an operator API key accepted besides stored keys")
+    auth_cache_s: float = Field(2.0, description="seconds a checked key is remembered (revocation delay)")
+
+    # Limits: a request past one gets a 4xx whose message names the setting.
+    max_seeds_per_request: int = 64
+    max_batch_seeds: int = 10_000
+    max_steps: int = 1000
+    max_top_k: int = 100
+    max_verify_top_k: int = 10
+    max_body_bytes: int = 1_000_000
+    max_page_size: int = 500
+
+    # Jobs.
+    job_max_attempts: int = Field(3, description="starts of one job before it is failed for good")
+    job_soft_time_limit_s: int = 1800
+    requeue_after_s: float = Field(60.0, description="queued this long with no worker activity -> re-sent")
+    stale_after_s: float = Field(120.0, description="running job with no heartbeat this long -> re-sent")
+    heartbeat_s: float = 10.0
+    reaper_interval_s: float = Field(15.0, description="how often the API looks for lost jobs; 0 = never")
+    generate_chunk: int = Field(16, description="seeds sampled together by one worker pass")
+
+    # Worker.
+    device: str = Field("auto", description="torch device of the worker: auto, cpu, cuda, cuda:1")
+    worker_threads: int = Field(0, description="torch threads per worker process (0 = torch's default)")
+    lpips_rerank: int = Field(50, description="candidates LPIPS re-ranks for metric=lpips")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        for name in ("max_seeds_per_request", "max_batch_seeds", "max_steps", "max_top_k", "max_body_bytes",
+                     "max_page_size", "job_max_attempts", "generate_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'attrib.db'}")
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", "filesystem://")
+        return self
+
+    @property
+    def embedded_db(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "ensembles"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

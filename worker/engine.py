@@ -1,0 +1,248 @@
+"""What a job does: read its rows, call models/, write results. No Celery here.
+
+Each worker process keeps its loaded ensembles (and their single-member views, for exact
+counterfactuals) in an ``EngineCache``. Every write is idempotent: a generation already
+done is skipped, an attribution's entries are replaced in the same transaction that marks
+the job succeeded, images are inserted only when absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app import jobs
+from app.db import Database
+from app.orm import Attribution, AttributionEntry, EnsembleRow, Generation, Image, Job, SourceCode, utcnow
+from app.settings import Settings
+from models.ablation import gram, jacobian
+from models.attribute import AttributionConfig, SampleAttribution, attribute_exact, rank_sources, verify
+from models.distances import LPIPSMetric, load_lpips
+from models.ensemble import Ensemble
+from models.images import png_bytes
+from models.sampler import make_tape, sample
+from models.unet import WideUNet
+
+log = logging.getLogger(__name__)
+Progress = Callable[[float], None]
+
+
+class JobError(Exception):
+    """A permanent failure with a message for the user (the job fails, no retry)."""
+
+
+@dataclass
+class LoadedEnsemble:
+    row_id: int
+    ens: Ensemble
+    members: list[WideUNet]
+    item_of_source: np.ndarray  # (S,) training_item.id of each code-book source
+    source_of_item: dict[int, int]  # training_item.id -> source index
+
+
+class EngineCache:
+    """Loaded ensembles of this worker process, by ensemble id."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self._ensembles: dict[int, LoadedEnsemble] = {}
+        self._lpips: LPIPSMetric | None = None
+
+    def ensemble(self, s: Session, ensemble_id: int) -> LoadedEnsemble:
+        hit = self._ensembles.get(ensemble_id)
+        if hit is not None:
+            return hit
+        row = s.get(EnsembleRow, ensemble_id)
+        if row is None:
+            raise JobError(f"ensemble {ensemble_id} does not exist")
+        try:
+            ens = Ensemble.load(row.checkpoint).for_inference(self.device)
+        except (FileNotFoundError, ValueError) as exc:
+            raise JobError(f"ensemble {ensemble_id}: {exc}") from exc
+        codes = s.execute(select(SourceCode.source_index, SourceCode.training_item_id, SourceCode.code)
+                          .where(SourceCode.ensemble_id == ensemble_id)
+                          .order_by(SourceCode.source_index)).all()
+        book_codes = ens.codebook.codes
+        if len(codes) != len(book_codes) or any(int(c) != int(b) for (_, _, c), b in zip(codes, book_codes,
+                                                                                          strict=True)):
+            raise JobError(f"ensemble {ensemble_id}: stored codes do not match checkpoint {row.checkpoint}")
+        items = np.array([it if it is not None else -1 for _, it, _ in codes], dtype=np.int64)
+        members = [ens.net.member(i) for i in range(ens.n)]
+        loaded = LoadedEnsemble(row.id, ens, members, items,
+                                {int(it): i for i, it in enumerate(items) if it >= 0})
+        self._ensembles[ensemble_id] = loaded
+        return loaded
+
+    def lpips(self) -> LPIPSMetric:
+        if self._lpips is None:
+            try:
+                self._lpips = load_lpips(device=self.device)
+            except Exception as exc:  # LPIPSUnavailable and friends: permanent, explained
+                raise JobError(f"metric 'lpips' is unavailable on this worker: {exc}") from exc
+        return self._lpips
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- storage
+def put_image(s: Session, png: bytes, width: int, height: int) -> str:
+    """Store a PNG once; returns its SHA-256."""
+    sha = hashlib.sha256(png).hexdigest()
+    if s.get(Image, sha) is None:
+        s.add(Image(sha256=sha, png=png, width=width, height=height))
+        s.flush()
+    return sha
+
+
+def _f32(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()
+
+
+def _store_sample(s: Session, gen: Generation, x: torch.Tensor) -> None:
+    """x: (C, H, W) in [-1, 1]."""
+    png = png_bytes(x)
+    gen.image_sha = put_image(s, png, x.shape[-1], x.shape[-2])
+    gen.sample = _f32(x)
+    gen.status = "done"
+    gen.finished_at = utcnow()
+
+
+def _sample_of(gen: Generation, shape: tuple[int, int, int]) -> torch.Tensor:
+    assert gen.sample is not None
+    return torch.from_numpy(np.frombuffer(gen.sample, dtype=np.float32).copy()).reshape(shape)
+
+
+# --------------------------------------------------------------------------- generate
+def run_generate(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
+    """Sample every pending generation of the job, ``generate_chunk`` seeds per pass."""
+    ids = [int(i) for i in job.payload["generation_ids"]]
+    with db.session() as s:
+        gens = [g for g in s.scalars(select(Generation).where(Generation.id.in_(ids))) if g.status != "done"]
+        todo = [(g.id, g.ensemble_id, g.seed, g.steps) for g in gens]
+    chunk = cache.settings.generate_chunk
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for gid, eid, seed, steps in todo:
+        groups.setdefault((eid, steps), []).append((gid, seed))
+    done = len(ids) - len(todo)
+    for (eid, steps), members in groups.items():
+        with db.session() as s:
+            le = cache.ensemble(s, eid)
+        for lo in range(0, len(members), chunk):
+            part = members[lo : lo + chunk]
+            tape = make_tape([seed for _, seed in part], le.ens.shape, steps)
+            x = sample(le.ens.net, le.ens.schedule, tape)
+            with db.session() as s:
+                for (gid, _), x_i in zip(part, x, strict=True):
+                    gen = s.get(Generation, gid)
+                    if gen is not None and gen.status != "done":
+                        _store_sample(s, gen, x_i)
+            done += len(part)
+            progress(done / max(1, len(ids)))
+    result = {"generation_ids": ids, "sampled": len(todo)}
+    with db.session() as s:
+        jobs.finish(s, job.id, result)
+    return result
+
+
+# -------------------------------------------------------------------------- attribute
+def _ensure_sample(db: Database, le: LoadedEnsemble, gen_id: int) -> tuple[Generation, torch.Tensor]:
+    with db.session() as s:
+        gen = s.get(Generation, gen_id)
+        assert gen is not None
+        if gen.status != "done":
+            x = sample(le.ens.net, le.ens.schedule, make_tape([gen.seed], le.ens.shape, gen.steps))[0]
+            _store_sample(s, gen, x)
+        return gen, _sample_of(gen, le.ens.shape)
+
+
+def _ensure_jacobian(db: Database, le: LoadedEnsemble, gen: Generation) -> torch.Tensor:
+    """J: (1, D, n) float32, computed once per generation and stored with its Gram matrix."""
+    D, n = int(np.prod(le.ens.shape)), le.ens.n
+    if gen.jacobian is not None:
+        return torch.from_numpy(np.frombuffer(gen.jacobian, dtype=np.float32).copy()).reshape(1, D, n)
+    _, J = jacobian(le.ens.net, le.ens.schedule, make_tape([gen.seed], le.ens.shape, gen.steps))
+    J = J.cpu().to(torch.float32)
+    with db.session() as s:
+        row = s.get(Generation, gen.id)
+        assert row is not None
+        row.jacobian = J.numpy().tobytes()
+        row.gram = gram(J)[0].numpy().tobytes()
+    return J
+
+
+def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
+    attribution_id = int(job.payload["attribution_id"])
+    with db.session() as s:
+        att = s.get(Attribution, attribution_id)
+        if att is None:
+            raise JobError(f"attribution {attribution_id} does not exist")
+        gen0 = s.get(Generation, att.generation_id)
+        assert gen0 is not None
+        le = cache.ensemble(s, gen0.ensemble_id)
+        method, metric, top_k, verify_k = att.method, att.metric, att.top_k, att.verify_top_k
+        att.status = "running"
+    S = le.ens.codebook.num_sources
+    top_k, verify_k = min(top_k, S), min(verify_k, S)
+    cfg = AttributionConfig(top_k=top_k, metric=metric, rerank=max(top_k, cache.settings.lpips_rerank),
+                            verify_top_k=verify_k)
+    lp = cache.lpips() if metric == "lpips" else None
+    gen, f = _ensure_sample(db, le, gen0.id)
+    progress(0.1)
+    tape = make_tape([gen.seed], le.ens.shape, gen.steps)
+    f = f.to(cache.device)
+    if method == "exact":
+        res = attribute_exact(le.ens, tape, f, cfg, lp, le.members,
+                              progress=lambda p: progress(0.1 + 0.85 * p))
+    else:
+        J = _ensure_jacobian(db, le, gen).to(cache.device)
+        progress(0.6)
+        res = rank_sources(le.ens, [gen.seed], f[None], J, cfg, lp)[0]
+        progress(0.7)
+        if verify_k:
+            verify(le.ens, tape, [res], cfg, lp, le.members)
+    progress(0.95)
+    return _write_attribution(db, le, attribution_id, job.id, res, metric, verify_k)
+
+
+def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, job_id: str,
+                       res: SampleAttribution, metric: str, verify_k: int) -> dict[str, Any]:
+    """Replace the entries and mark attribution and job done, in one transaction."""
+    exact = res.exact_counterfactuals
+    with db.session() as s:
+        s.execute(delete(AttributionEntry).where(AttributionEntry.attribution_id == attribution_id))
+        for rank, e in enumerate(res.ranking, 1):
+            item = int(le.item_of_source[e.source])
+            if item < 0:
+                raise JobError(f"source {e.source} of ensemble {le.row_id} has no training item")
+            cf_sha = None
+            if exact is not None and rank - 1 < exact.shape[0]:
+                x = exact[rank - 1]
+                cf_sha = put_image(s, png_bytes(x), x.shape[-1], x.shape[-2])
+            s.add(AttributionEntry(attribution_id=attribution_id, training_item_id=item, rank=rank,
+                                   score=e.score(metric), exact_score=e.exact_score(metric),
+                                   counterfactual_sha=cf_sha))
+        att = s.get(Attribution, attribution_id)
+        assert att is not None
+        att.status, att.finished_at, att.agreement = "succeeded", utcnow(), res.agreement
+        result = {"attribution_id": attribution_id, "entries": len(res.ranking), "verified": verify_k}
+        jobs.finish(s, job_id, result)
+    return result
+
+
+RUNNERS: dict[str, Callable[[Database, EngineCache, Job, Progress], dict[str, Any]]] = {
+    "generate": run_generate,
+    "attribute": run_attribute,
+}

@@ -1,0 +1,144 @@
+"""The one Celery task: run a job by id. Thin glue over worker.engine.
+
+Transient errors (database or broker connection lost) put the job back in the queue and
+retry with back-off; anything else fails the job with its message, once, for good.
+A worker killed mid-job leaves it ``running`` without heartbeat: the message is redelivered
+(acks_late, reject_on_worker_lost) or re-sent by the API's reaper, and the next claim counts
+another attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app import jobs
+from app.db import Database
+from app.orm import Attribution, Job
+from app.queue import TASK_NAME
+from app.runtime import tune_malloc
+from app.settings import Settings, get_settings
+from worker.celery_app import celery
+from worker.engine import RUNNERS, EngineCache, JobError
+
+log = logging.getLogger(__name__)
+TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
+
+
+class WorkerState:
+    """Per-process state: database handle and loaded ensembles (created lazily after fork)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import torch
+
+        tune_malloc()
+        if settings.worker_threads > 0:
+            torch.set_num_threads(settings.worker_threads)
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.cache = EngineCache(settings)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+
+_state: WorkerState | None = None
+
+
+def state() -> WorkerState:
+    global _state
+    if _state is None or _state.name.rsplit(":", 1)[1] != str(os.getpid()):
+        _state = WorkerState(get_settings())
+    return _state
+
+
+class _Heartbeat:
+    """Touches the job row every ``heartbeat_s`` while it runs, and records progress."""
+
+    def __init__(self, st: WorkerState, job_id: str) -> None:
+        self.st, self.job_id = st, job_id
+        self.progress: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.st.settings.heartbeat_s):
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            jobs.heartbeat(self.st.db, self.job_id, self.st.name, self.progress)
+        except Exception as exc:  # a missed heartbeat is not fatal
+            log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
+
+    def set(self, p: float) -> None:
+        self.progress = p
+        self.beat()
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def execute_job(job_id: str, st: WorkerState | None = None) -> str:
+    """Run one job to a terminal state, or raise a transient error. Returns the final status
+    (or "skipped" when the job is not ours to run). Safe to call any number of times."""
+    st = st or state()
+    job = jobs.claim(st.db, job_id, st.name, st.settings)
+    if job is None:
+        return "skipped"
+    runner = RUNNERS.get(job.kind)
+    try:
+        if runner is None:
+            raise JobError(f"unknown job kind {job.kind!r}")
+        with _Heartbeat(st, job.id) as hb:
+            runner(st.db, st.cache, job, hb.set)
+        return "succeeded"
+    except TRANSIENT:
+        _requeue(st, job)
+        raise
+    except SoftTimeLimitExceeded:
+        _fail(st, job, f"time limit of {st.settings.job_soft_time_limit_s} s exceeded")
+        return "failed"
+    except JobError as exc:
+        _fail(st, job, str(exc))
+        return "failed"
+    except DBAPIError as exc:
+        _fail(st, job, f"database error: {exc.orig}")
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s failed", job.id)
+        _fail(st, job, f"{type(exc).__name__}: {exc}")
+        return "failed"
+
+
+def _requeue(st: WorkerState, job: Job) -> None:
+    try:
+        with st.db.session() as s:
+            s.execute(update(Job).where(Job.id == job.id, Job.status == "running")
+                      .values(status="queued", worker=None))
+    except Exception as exc:  # the database itself is down: the reaper re-sends later
+        log.warning("could not re-queue job %s: %s", job.id, exc)
+
+
+def _fail(st: WorkerState, job: Job, error: str) -> None:
+    jobs.fail(st.db, job.id, error)
+    if job.kind == "attribute":
+        with st.db.session() as s:
+            s.execute(update(Attribution).where(Attribution.id == int(job.payload["attribution_id"]))
+                      .values(status="failed"))
+
+
+@celery.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+             autoretry_for=TRANSIENT, retry_backoff=2, retry_backoff_max=60, max_retries=10)
+def run_job(self: Any, job_id: str) -> str:
+    return execute_job(job_id)
