@@ -58,7 +58,7 @@ def authenticate(s: Session, key: str, operator_key: str | None = None) -> Princ
     """The principal holding ``key``, or None (unknown, malformed or revoked)."""
     if operator_key and hmac.compare_digest(hash_key(key), hash_key(operator_key)):
         return Principal(None, None)
-    parts = key.split("_")
+    parts = key.split("_", 2)  # the secret itself may contain "_"
     if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) != 12:
         return None
     row = s.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))

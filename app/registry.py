@@ -96,7 +96,7 @@ def register_ensemble(s: Session, ens: Ensemble, checkpoint: Path, name: str) ->
     if book.n > 62:
         raise RegistryError(f"n = {book.n}: the service stores codes as 63-bit integers (n <= 62)")
     items = dict(s.execute(select(TrainingItem.index, TrainingItem.id)
-                           .where(TrainingItem.dataset_id == ds.id)).tuples().all())
+                           .where(TrainingItem.dataset_id == ds.id)).all())
     if len(items) != ds.item_count or len(book.item_source) != ds.item_count:
         raise RegistryError(f"dataset {ds.name!r} has {len(items)} items, "
                             f"the checkpoint {len(book.item_source)}")

@@ -3,10 +3,18 @@ settings are checked in the routes (their messages name the setting)."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _utc(d: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return d if d.tzinfo is not None else d.replace(tzinfo=UTC)
+
+
+Time = Annotated[datetime, AfterValidator(_utc)]
 
 
 class _In(BaseModel):
@@ -95,10 +103,10 @@ class JobPublic(BaseModel):
     attempts: int = Field(description="times a worker started it")
     result: dict[str, Any] | None
     batch_id: int | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: Time
+    updated_at: Time
+    started_at: Time | None
+    finished_at: Time | None
 
 
 class GenerationPublic(BaseModel):
@@ -110,8 +118,8 @@ class GenerationPublic(BaseModel):
     image_url: str | None = Field(description="the PNG, once sampled")
     image_sha256: str | None
     has_jacobian: bool
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: Time
+    finished_at: Time | None
 
 
 class EntryPublic(BaseModel):
@@ -138,8 +146,8 @@ class AttributionPublic(BaseModel):
     verify_top_k: int
     status: Literal["pending", "running", "succeeded", "failed"]
     agreement: dict[str, float] | None = Field(description="synthetic vs exact on the verified entries")
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: Time
+    finished_at: Time | None
     entries: list[EntryPublic]
 
 
@@ -166,7 +174,7 @@ class BatchPublic(BaseModel):
     done: bool = Field(description="every job finished (succeeded or failed)")
     generation_ids: list[int]
     attribution_ids: list[int]
-    created_at: datetime
+    created_at: Time
 
 
 class WorkPublic(BaseModel):
@@ -198,7 +206,7 @@ class InfluencePublic(BaseModel):
     exact_score: float | None
     generation_url: str = Field(description="the generated image (PNG)")
     counterfactual_url: str = Field(description="the generation without this work (PNG)")
-    created_at: datetime
+    created_at: Time
 
 
 class InfluencePage(BaseModel):

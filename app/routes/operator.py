@@ -375,7 +375,7 @@ def get_batch(batch_id: int, _: OperatorDep, s: SessionDep) -> BatchPublic:
         by_gen = dict(s.execute(select(Attribution.generation_id, Attribution.id).where(
             Attribution.generation_id.in_(gen_ids), Attribution.method == opt.method,
             Attribution.metric == opt.metric, Attribution.top_k == opt.top_k,
-            Attribution.verify_top_k == verify_k)).tuples().all())
+            Attribution.verify_top_k == verify_k)).all())
         att_ids = [by_gen[g] for g in gen_ids if g in by_gen]
     return BatchPublic(id=b.id, ensemble_id=b.ensemble_id, steps=b.steps, total=b.total,
                        attribute=b.attribute,
