@@ -1,0 +1,163 @@
+"""End to end with real processes: the CLI sets up data, keys and an ensemble; `attrib serve`
+(uvicorn) and Celery worker processes run the jobs. Once on the embedded default (SQLite +
+filesystem broker, no servers) and once on PostgreSQL + Redis with two workers. Both must
+give byte-identical images for the same (ensemble, seed, steps).
+
+generate -> attribute (exact verification of the top 3) -> a rights holder finds the
+generation under their work's influence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.services import fresh_postgres, redis_url
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+IMAGES: dict[str, bytes] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def attrib(env: dict[str, str], *args: str) -> dict:
+    r = subprocess.run([str(BIN / "attrib"), *args, "--json"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"attrib {' '.join(args)}: {r.stderr[-2000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ensemble (n=8) trained by the CLI on 60 digits."""
+    out = tmp_path_factory.mktemp("e2e") / "tiny.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    attrib(env, "train", "--data", "digits", "--subset", "60", "--preset", "tiny", "--n", "8",
+           "--out", str(out))
+    return out
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def wait_job(c: httpx.Client, job_id: str, headers: dict[str, str], timeout: float = 180) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        job = c.get(f"/jobs/{job_id}", headers=headers).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {job}")
+
+
+def run_flow(env: dict[str, str], ckpt: Path, tmp: Path, separate_workers: int) -> None:
+    attrib(env, "migrate")
+    imported = attrib(env, "import", "--data", "digits", "--subset", "60", "--owners-by-label", "3")
+    owner_keys = {k["owner"]: k["key"] for k in imported["keys"]}
+    assert len(owner_keys) == 3
+    attrib(env, "register", "--ckpt", str(ckpt), "--name", "tiny")
+    op = {"Authorization": f"Bearer {attrib(env, 'key', 'create')['key']}"}
+    port = free_port()
+    workers = 0 if separate_workers else 1
+    procs = [start([str(BIN / "attrib"), "serve", "--port", str(port), "--workers", str(workers)], env,
+                   tmp / "serve.log")]
+    procs += [start([str(BIN / "attrib"), "worker"], env, tmp / f"worker{i}.log")
+              for i in range(separate_workers)]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            for _ in range(150):
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            else:
+                raise AssertionError((tmp / "serve.log").read_text()[-3000:])
+            r = c.post("/generate", json={"seeds": [0, 1]}, headers=op)
+            assert r.status_code == 202, r.text
+            gen_ids = r.json()["generation_ids"]
+            assert wait_job(c, r.json()["job_id"], op)["status"] == "succeeded"
+            IMAGES[env["MODE"]] = c.get(f"/generations/{gen_ids[0]}/image.png", headers=op).content
+
+            r = c.post("/attribute", json={"generation_id": gen_ids[0], "top_k": 5, "verify_top_k": 3},
+                       headers=op)
+            assert r.status_code == 202, r.text
+            job = wait_job(c, r.json()["job_id"], op)
+            assert job["status"] == "succeeded", job
+            att = c.get(f"/attributions/{r.json()['attribution_id']}", headers=op).json()
+            assert [e["exact_score"] is not None for e in att["entries"]] == [True] * 3 + [False] * 2
+            top = att["entries"][0]
+            key = {"Authorization": f"Bearer {owner_keys[top['owner_name']]}"}
+            inf = c.get(f"/works/{top['training_item_id']}/influence", headers=key).json()
+            assert [(i["generation_id"], i["rank"]) for i in inf["items"]] == [(gen_ids[0], 1)]
+            png = c.get(inf["items"][0]["counterfactual_url"], headers=key)
+            assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+            other = next(k for o, k in owner_keys.items() if o != top["owner_name"])
+            r = c.get(f"/works/{top['training_item_id']}/influence",
+                      headers={"Authorization": f"Bearer {other}"})
+            assert r.status_code == 404
+            m = c.get("/metrics").text
+            assert 'attrib_jobs{kind="attribute",status="succeeded"} 1.0' in m
+    finally:
+        stop(procs)
+
+
+@pytest.fixture
+def base_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_") and k not in
+           ("DATABASE_URL", "BROKER_URL")}
+    env.update(ATTRIB_DATA_DIR=str(tmp_path / "data"), ATTRIB_WORKER_THREADS="1", OMP_NUM_THREADS="1",
+               ATTRIB_HEARTBEAT_S="1")
+    yield env
+
+
+def test_embedded_default(base_env: dict[str, str], ckpt: Path, tmp_path: Path) -> None:
+    run_flow({**base_env, "MODE": "embedded"}, ckpt, tmp_path, separate_workers=0)
+    assert (tmp_path / "data" / "attrib.db").exists() and (tmp_path / "data" / "broker").is_dir()
+
+
+def test_postgres_and_redis(base_env: dict[str, str], ckpt: Path, tmp_path: Path) -> None:
+    import redis
+
+    url = redis_url(db=9)
+    redis.Redis.from_url(url).flushdb()
+    with fresh_postgres() as db:
+        run_flow({**base_env, "MODE": "postgres", "DATABASE_URL": db, "BROKER_URL": url}, ckpt, tmp_path,
+                 separate_workers=2)
+    assert not (tmp_path / "data" / "attrib.db").exists()
+
+
+def test_same_bytes_on_both_setups() -> None:
+    if len(IMAGES) < 2:
+        pytest.skip("needs both end-to-end runs")
+    assert IMAGES["embedded"] == IMAGES["postgres"]
