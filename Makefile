@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 RUNS   ?= runs
 CKPT   ?= $(RUNS)/digits.pt
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
 
 .PHONY: install run demo test lint bench bench-quick clean
 
@@ -17,9 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## run: train the default digits ensemble if absent, generate 16 samples, attribute them.
-run: demo
+## run: the service on this machine (SQLite + filesystem broker under ./data, no servers):
+## imports digits with demo rights holders, trains the default ensemble if absent, prints
+## keys, then serves the API on http://127.0.0.1:8000 with one worker (Ctrl-C stops both).
+run: $(STAMP)
+	$(VENV)/bin/attrib demo-setup
+	$(VENV)/bin/attrib serve --host $(HOST) --port $(PORT)
 
+## demo: the engine alone: train if absent, generate 16 samples, attribute them (runs/).
 demo: $(STAMP)
 	$(VENV)/bin/attrib train --out $(CKPT) --resume
 	$(VENV)/bin/attrib generate --ckpt $(CKPT) --count 16 --out $(RUNS)/samples.png
@@ -36,10 +43,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench-quick: $(STAMP)
-	@for b in ensemble jacobian rank; do $(PY) bench/$$b.py --quick | tail -n 1; done
+	@for b in ensemble jacobian rank api; do $(PY) bench/$$b.py --quick | tail -n 1; done
 
 bench: $(STAMP)
-	@for b in ensemble jacobian rank; do $(PY) bench/$$b.py | tail -n 1; done
+	@for b in ensemble jacobian rank api; do $(PY) bench/$$b.py | tail -n 1; done
 
 clean:
 	rm -rf $(RUNS) .pytest_cache .ruff_cache

@@ -303,8 +303,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{args.host}:{args.port}"
     _log(f"serving {url} (docs {url}/docs); database {settings.database_url}; broker {settings.broker_url}"
          + (f"; {args.workers} worker process(es)" if worker else "; no worker (start 'attrib worker')"))
-    _log(f"try: curl -s -X POST {url}/generate -H 'Authorization: Bearer $OPERATOR_KEY' "
-         "-H 'Content-Type: application/json' -d '{\"seeds\": [0, 1]}'")
+    key = "$OPERATOR_KEY"
+    keys_file = settings.data_dir / "demo-keys.json"
+    if keys_file.exists():
+        key = json.loads(keys_file.read_text()).get("operator", key)
+    _log(f"try:\n  curl -s -X POST {url}/generate -H 'Authorization: Bearer {key}' "
+         "-H 'Content-Type: application/json' -d '{\"seeds\": [0, 1]}'\n"
+         f"  curl -s {url}/jobs/<job_id> -H 'Authorization: Bearer {key}'")
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.loglevel,
                     access_log=args.access_log)
