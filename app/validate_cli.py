@@ -9,6 +9,7 @@ flags, so the same commands run on 8x8 digits on a CPU or MNIST on a GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -78,6 +79,10 @@ def _ensemble(args: argparse.Namespace, granularity: str, device: torch.device,
         book = make_codebook(ds.N, args.n, k, seed=args.seed, granularity=granularity,
                              labels=ds.labels if granularity == "class" else None,
                              label_names=ds.label_names)
+        if getattr(args, "codes", "random") == "balanced":
+            if k != args.n // 2:
+                raise ValueError("--codes balanced needs k = n/2")
+            book = dataclasses.replace(book, codes=V.balanced_codes(book.num_sources, args.n))
     except (CapacityError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
     info = DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape, args.data, args.subset, args.subset_seed)
@@ -85,7 +90,8 @@ def _ensemble(args: argparse.Namespace, granularity: str, device: torch.device,
     steps = args.train_steps if args.train_steps is not None else preset.train_steps
     cfg = TrainConfig(steps, args.batch_size or preset.batch_size, args.lr or preset.lr, args.seed,
                       checkpoint_every=max(steps, 1))
-    _log(f"training {args.n} members (k={k}, {book.num_sources} {granularity} sources) on {ds.N} "
+    _log(f"training {args.n} members (k={k}, {book.num_sources} {granularity} sources, "
+         f"{getattr(args, 'codes', 'random')} codes) on {ds.N} "
          f"items of {ds.name}, preset {preset.name}, {steps} steps, device {device}")
     ens.net.to(device)
     out = Path(args.out) / "ensemble.pt"
@@ -97,9 +103,14 @@ def _ensemble(args: argparse.Namespace, granularity: str, device: torch.device,
 
 
 def _ensemble_info(ens: Ensemble, ds: ImageDataset, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"n": ens.n, "k": ens.k, "T": ens.schedule.T, "preset": ens.preset,
+    info = {"n": ens.n, "k": ens.k, "T": ens.schedule.T, "preset": ens.preset,
             "granularity": ens.codebook.granularity, "sources": ens.codebook.num_sources,
             "dataset": ds.name, "items": ds.N, "shape": list(ds.shape), **extra}
+    if ens.codebook.num_sources <= 64:  # class/owner sources: how many members pairs of codes share
+        bits = ens.codebook.bits().astype(np.int64)
+        ov = (bits @ bits.T)[~np.eye(len(bits), dtype=bool)]
+        info["code_overlap"] = {"min": int(ov.min()), "max": int(ov.max()), "mean": float(ov.mean())}
+    return info
 
 
 def _tape(args: argparse.Namespace, ens: Ensemble) -> Any:
@@ -395,6 +406,10 @@ def add_parser(sub: Any) -> None:
                       description="Sources are whole classes. Classify each sample and ablate "
                                   "every class exactly: the predicted class should move it most.")
     common(c, samples=1000)
+    c.add_argument("--codes", choices=("balanced", "random"), default="balanced",
+                   help="class codes when training: 'balanced' (Hadamard rows, every pair of classes "
+                        "shares exactly n/4 members; default; n a power of two) or 'random' "
+                        "(make_codebook's)")
     c.add_argument("--classifier", choices=V.CLASSIFIERS, default="svc", help="sklearn classifier")
     c.add_argument("--min-confidence", type=float, default=0.9, help="'confident' classification")
     c.add_argument("--no-lpips", action="store_true", help="Euclidean distance only")

@@ -24,7 +24,8 @@ def _report(out: Path) -> dict:
 def classes_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("classes")
     rc = main(["validate", "classes", "--out", str(out), "--subset", "120", "--samples", "6",
-               "--classifier", "logreg", "--lpips-random-trunk", "--raw", "--grid-rows", "3", *TINY])
+               "--classifier", "logreg", "--lpips-random-trunk", "--raw", "--grid-rows", "3", *TINY,
+               "--n", "16"])  # the last --n wins: balanced (Hadamard) codes need a power of two >= 11
     assert rc == 0
     return out
 
@@ -32,6 +33,7 @@ def classes_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_classes_report_and_figures(classes_out: Path) -> None:
     r = _report(classes_out)
     assert r["samples"] == 6 and r["ensemble"]["granularity"] == "class"
+    assert r["ensemble"]["code_overlap"] == {"min": 4, "max": 4, "mean": 4.0}  # balanced codes
     assert r["lpips"]["available"] and r["lpips"]["random_trunk"]
     assert set(r["stats"]) == {"l2", "lpips"}
     raw = r["raw"]
@@ -118,3 +120,5 @@ def test_validate_errors_exit_2(tmp_path: Path, classes_out: Path,
     assert rc == 2 and "--sources" in capsys.readouterr().err
     rc = main(["validate", "classes", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "nope.pt")])
     assert rc == 2
+    rc = main(["validate", "classes", "--out", str(tmp_path), *TINY, "--subset", "50"])  # n=8 < 10 classes
+    assert rc == 2 and "at most 7 sources" in capsys.readouterr().err

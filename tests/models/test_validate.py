@@ -86,6 +86,23 @@ def test_ranking_agreement_by_hand() -> None:
 
 
 # ----------------------------------------------------------------------------- class control
+def test_balanced_codes() -> None:
+    from models.codes import unpack_bits, validate_codes
+
+    for n, S in ((8, 7), (16, 10), (32, 10)):
+        codes = V.balanced_codes(S, n)
+        validate_codes(codes, n, n // 2)  # distinct, weight n/2, Definition 1
+        bits = unpack_bits(codes, n).astype(np.int64)
+        ov = bits @ bits.T
+        assert (np.diag(ov) == n // 2).all()
+        assert (ov[~np.eye(S, dtype=bool)] == n // 4).all()
+        assert (bits.sum(0) > 0).all()  # no member without data
+    with pytest.raises(ValueError, match="power of two"):
+        V.balanced_codes(5, 12)
+    with pytest.raises(ValueError, match="at most 15"):
+        V.balanced_codes(16, 16)
+
+
 @pytest.fixture(scope="module")
 def class_ensemble() -> tuple[Ensemble, torch.Tensor]:
     """The tiny preset, n = 8, one code per class over the first 120 digits."""
