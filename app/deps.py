@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Iterator
 from typing import Annotated
@@ -99,3 +101,42 @@ def require_owner(p: Annotated[Principal, Depends(get_principal)]) -> Principal:
 
 OperatorDep = Annotated[Principal, Depends(require_operator)]
 OwnerDep = Annotated[Principal, Depends(require_owner)]
+
+
+class RateLimiter:
+    """Token buckets per key: ``burst`` requests at once, refilled at ``per_minute``. In-process
+    (each API process limits on its own)."""
+
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(max(1, burst))
+        self._buckets: dict[object, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, who: object) -> float:
+        """0 when allowed, else the seconds until a request would be."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(who, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[who] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[who] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+def rate_limited(request: Request, p: OperatorDep) -> Principal:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.take(p.key_id if p.key_id is not None else "env-operator")
+    if wait > 0:
+        raise HTTPException(429, f"rate limit: at most {limiter.burst:g} requests at once and "
+                            f"{limiter.rate * 60:g} per minute per key "
+                            "(rate_limit_burst, rate_limit_per_minute)",
+                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    return p
+
+
+LimitedOperatorDep = Annotated[Principal, Depends(rate_limited)]

@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import jobs
 from app.db import Database
-from app.deps import KeyCache
+from app.deps import KeyCache, RateLimiter
 from app.orm import Job
 from app.queue import make_celery
 from app.routes import operator, works
@@ -148,6 +148,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.db = Database(settings.database_url)
     app.state.celery = celery or make_celery(settings)
     app.state.key_cache = KeyCache(settings.auth_cache_s)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     app.state.metrics = metrics = Metrics()
 
     @app.middleware("http")

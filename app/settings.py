@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1_000_000
     max_page_size: int = 500
 
+    # Per-key rate limit on the expensive routes (POST /generate, /attribute, /batches): a token
+    # bucket of `rate_limit_burst` requests refilled at `rate_limit_per_minute`; 0 = off.
+    rate_limit_per_minute: float = 600.0
+    rate_limit_burst: int = 60
+
     # Jobs.
     job_max_attempts: int = Field(3, description="starts of one job before it is failed for good")
     job_soft_time_limit_s: int = 1800

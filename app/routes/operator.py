@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import jobs
-from app.deps import CeleryDep, DatabaseDep, OperatorDep, SessionDep, SettingsDep
+from app.deps import CeleryDep, DatabaseDep, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep
 from app.orm import (
     Attribution,
     AttributionEntry,
@@ -51,6 +51,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorPublic, "description": "no such object"},
     413: {"model": ErrorPublic, "description": "body larger than max_body_bytes"},
     422: {"model": ErrorPublic, "description": "invalid request, or past a limit (named in the message)"},
+    429: {"model": ErrorPublic, "description": "rate limit of the key exceeded (POST routes): Retry-After"},
     503: {"model": ErrorPublic, "description": "the database is unavailable"},
 }
 PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
@@ -126,7 +127,7 @@ def _replay(s: Session, key: str | None, kind: str) -> Job | None:
 
 @router.post("/generate", status_code=202, response_model=GenerateAccepted,
              summary="Sample images (asynchronously)")
-def generate(body: GenerateCreate, _: OperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+def generate(body: GenerateCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
              settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> GenerateAccepted:
     """Creates one generation per seed and a job that samples them. Poll `GET /jobs/{job_id}`;
     the same (ensemble, seed, steps) always gives the same generation and the same bytes."""
@@ -189,7 +190,7 @@ def _attribution(s: Session, gen: Generation, opt: AttributeOptions,
 
 @router.post("/attribute", status_code=202, response_model=AttributeAccepted,
              summary="Attribute a generation to its training works (asynchronously)")
-def attribute(body: AttributeCreate, _: OperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+def attribute(body: AttributeCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
               settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> AttributeAccepted:
     """Ranks every training work by how much removing it would change the generation. The same
     request twice returns the same attribution (and its job, while it runs)."""
@@ -311,7 +312,7 @@ def get_counterfactual(attribution_id: int, item_id: int, _: OperatorDep, s: Ses
 
 @router.post("/batches", status_code=202, response_model=BatchAccepted,
              summary="Many seeds at once, optionally attributed")
-def create_batch(body: BatchCreate, _: OperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+def create_batch(body: BatchCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
                  settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
     """Samples every seed (and attributes each sample when `attribute` is given); follow
     `GET /batches/{batch_id}` for progress over the whole batch."""
