@@ -21,7 +21,11 @@ def make_celery(settings: Settings) -> Celery:
     if settings.broker_url.startswith("filesystem"):
         folder = settings.broker_folder.resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        transport = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+        (folder / "control").mkdir(exist_ok=True)
+        # The filesystem transport deletes a message when it is read (no redelivery): a job
+        # whose worker died is re-sent by the API's reaper instead.
+        transport = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+                     "control_folder": str(folder / "control")}
     elif settings.broker_url.startswith(("redis", "rediss")):
         transport = {
             # An unacknowledged message comes back only after this; the API's reaper re-sends
