@@ -111,6 +111,42 @@ def _reaper(app: FastAPI, stop: threading.Event) -> None:
             log.warning("reaper: %s", exc)
 
 
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """Put this deployment's limits (settings) into the OpenAPI schema, so clients and
+    schema-driven tests know them: maxItems of seeds, maximum of counts, steps, top_k, page sizes."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        comps = schema["components"]["schemas"]
+
+        def cap(model: str, field: str, key: str, value: int) -> None:
+            prop = comps[model]["properties"][field]
+            for branch in prop.get("anyOf", [prop]):
+                if branch.get("type") in ("integer", "array"):
+                    branch[key] = value
+
+        for model, most in (("GenerateCreate", settings.max_seeds_per_request),
+                            ("BatchCreate", settings.max_batch_seeds)):
+            cap(model, "seeds", "maxItems", most)
+            cap(model, "count", "maximum", most)
+            cap(model, "steps", "maximum", settings.max_steps)
+        for model in ("AttributeCreate", "AttributeOptions"):
+            cap(model, "top_k", "maximum", settings.max_top_k)
+            cap(model, "verify_top_k", "maximum", settings.max_verify_top_k)
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                for prm in op.get("parameters", []):
+                    if prm["in"] == "query" and prm["name"] == "limit":
+                        prm["schema"]["maximum"] = settings.max_page_size
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _why(exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return f"error: {type(exc).__name__}: {first}"
@@ -171,6 +207,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
 
     app.include_router(operator.router)
     app.include_router(works.router)
+    _document_limits(app, settings)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     def healthz() -> dict[str, str]:

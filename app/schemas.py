@@ -25,36 +25,46 @@ class ErrorPublic(BaseModel):
     detail: Any = Field(description="what went wrong: a message, or a list of field errors (422)")
 
 
+MAX_ID = 2**31 - 1  # integer primary keys (PostgreSQL int4)
+MAX_SEED = 2**53 - 1  # JSON-safe integers (exact in every client's double)
+SeedValue = Annotated[int, Field(ge=0, le=MAX_SEED)]
+MAX_SEED_START = 2**52  # so that seed_start + count never leaves the seed range
+
+
 class _SeedsIn(_In):
-    ensemble_id: int | None = Field(None, description="ensemble to sample; default: the newest ready one")
-    seeds: list[int] | None = Field(None, description="noise seeds (0..2^63-1), one sample each; "
-                                    "at most max_seeds_per_request (POST /generate) or "
-                                    "max_batch_seeds (POST /batches)")
-    count: int | None = Field(None, ge=1, description="instead of seeds: this many consecutive seeds "
-                              "starting at seed_start")
-    seed_start: int = Field(0, ge=0, le=2**63 - 1, description="first seed with count")
+    """Exactly one of ``seeds`` or ``count`` (the JSON schema says so with oneOf)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["seeds"]}, {"required": ["count"]}]})
+
+    ensemble_id: int | None = Field(None, ge=1, le=MAX_ID,
+                                    description="ensemble to sample; default: the newest ready one")
+    seeds: list[SeedValue] = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},  # type: ignore[assignment]
+                                   description="distinct noise seeds (0..2^53-1), one sample each; "
+                                   "at most max_seeds_per_request (POST /generate) or max_batch_seeds "
+                                   "(POST /batches)")
+    count: int = Field(None, ge=1, description="instead of seeds: this many consecutive seeds "  # type: ignore[assignment]
+                       "starting at seed_start (same limits as seeds)")
+    seed_start: int = Field(0, ge=0, le=MAX_SEED_START, description="first seed with count")
     steps: int | None = Field(None, ge=1, description="sampling steps (default the ensemble's T; "
-                              "fewer are respaced); at most the ensemble's T and max_steps")
+                              "fewer are respaced); at most max_steps, and more than the ensemble's T "
+                              "is a conflict (409)")
 
     @model_validator(mode="after")
     def _one_of(self) -> _SeedsIn:
         if (self.seeds is None) == (self.count is None):
             raise ValueError("give exactly one of 'seeds' or 'count'")
-        if self.seeds is not None:
-            if not self.seeds:
-                raise ValueError("'seeds' must not be empty")
-            if any(not 0 <= s < 2**63 for s in self.seeds):
-                raise ValueError("seeds must lie in 0..2^63-1")
-            if len(set(self.seeds)) != len(self.seeds):
-                raise ValueError("'seeds' must be distinct")
-        elif self.count is not None and self.seed_start + self.count > 2**63:
-            raise ValueError("seed_start + count must not exceed 2^63")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("'seeds' must be distinct")
         return self
 
+    def num_seeds(self) -> int:
+        return len(self.seeds) if self.seeds is not None else int(self.count)
+
     def seed_list(self) -> list[int]:
+        """The seeds; check num_seeds() against the limit first (count may be huge)."""
         if self.seeds is not None:
             return list(self.seeds)
-        assert self.count is not None
         return list(range(self.seed_start, self.seed_start + self.count))
 
 
@@ -76,17 +86,12 @@ class AttributeOptions(_In):
     metric: Literal["l2", "lpips"] = Field("l2", description="distance between sample and counterfactual")
     top_k: int = Field(10, ge=1, description="sources reported; at most max_top_k")
     verify_top_k: int = Field(0, ge=0, description="exact counterfactuals for the top K of a synthetic "
-                              "ranking; at most top_k and max_verify_top_k")
-
-    @model_validator(mode="after")
-    def _k(self) -> AttributeOptions:
-        if self.verify_top_k > self.top_k:
-            raise ValueError("verify_top_k must not exceed top_k")
-        return self
+                              "ranking (at most max_verify_top_k; more than top_k verifies all top_k; "
+                              "ignored for method=exact)")
 
 
 class AttributeCreate(AttributeOptions):
-    generation_id: int
+    generation_id: int = Field(ge=1, le=MAX_ID, description="the generation to attribute")
 
 
 class AttributeAccepted(BaseModel):

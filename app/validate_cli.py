@@ -426,8 +426,9 @@ def add_parser(sub: Any) -> None:
     common(f)
     f.add_argument("--granularity", choices=("item", "owner", "class"), default="item",
                    help=argparse.SUPPRESS)
-    f.add_argument("--sources", default="all",
-                   help="'all' (default) or N: a random N sources per sample plus both top lists")
+    f.add_argument("--sources", default="300",
+                   help="N (default 300): a random N sources per sample plus the synthetic and pixel "
+                        "top --top (every source when there are at most N), or 'all'")
     f.add_argument("--top", type=int, default=50, help="top candidates added with --sources N")
     f.add_argument("--recall-k", type=int, default=10, help="k of recall@k (default 10)")
     f.add_argument("--broken", action="store_true",

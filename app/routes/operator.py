@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Path, Query, Response
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,6 +28,7 @@ from app.orm import (
     Owner,
     SourceCode,
     TrainingItem,
+    utcnow,
 )
 from app.pictures import MAX_SCALE, predicted_counterfactual, rescale_png, to_png
 from app.schemas import (
@@ -49,6 +52,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorPublic, "description": "missing, invalid or revoked API key"},
     403: {"model": ErrorPublic, "description": "a rights holder's key on an operator route"},
     404: {"model": ErrorPublic, "description": "no such object"},
+    409: {"model": ErrorPublic, "description": "conflicts with the current state (an ensemble not ready, "
+          "steps past its T, an Idempotency-Key in use)"},
     413: {"model": ErrorPublic, "description": "body larger than max_body_bytes"},
     422: {"model": ErrorPublic, "description": "invalid request, or past a limit (named in the message)"},
     429: {"model": ErrorPublic, "description": "rate limit of the key exceeded (POST routes): Retry-After"},
@@ -57,6 +62,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
     "optional: a retried request with the same key returns the first request's job"))]
+MAX_ID = 2**31 - 1  # integer primary keys (PostgreSQL int4)
+PathId = Annotated[int, Path(ge=1, le=MAX_ID, description="an id")]
+JobId = Annotated[str, Path(max_length=36, description="a job id (UUID)")]
 Scale = Annotated[int, Query(ge=1, le=MAX_SCALE, description="integer upscaling (nearest neighbour)")]
 
 router = APIRouter(tags=["operator"], responses=ERRORS)
@@ -92,27 +100,69 @@ def _steps(requested: int | None, ens: EnsembleRow, settings: Settings) -> int:
     steps = requested or min(ens.T, settings.max_steps)
     limit("max_steps", steps, settings, "steps")
     if steps > ens.T:
-        raise HTTPException(422, f"steps {steps} is more than the ensemble's T={ens.T}")
+        raise HTTPException(409, f"steps {steps} is more than ensemble {ens.id}'s T={ens.T}")
     return steps
+
+
+def _chunks(xs: list[Any], size: int = 500) -> list[list[Any]]:
+    return [xs[i : i + size] for i in range(0, len(xs), size)]
+
+
+def _insert_ignore(s: Session, table: Any, rows: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING (rows created concurrently are simply kept)."""
+    dialect = s.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    for part in _chunks(rows):
+        s.execute(insert(table).values(part).on_conflict_do_nothing())
 
 
 def _generations(s: Session, ensemble_id: int, seeds: list[int], steps: int) -> list[Generation]:
     """Get or create one generation per seed (a sample is determined by ensemble, seed, steps)."""
-    existing = {g.seed: g for g in s.scalars(select(Generation).where(
-        Generation.ensemble_id == ensemble_id, Generation.steps == steps, Generation.seed.in_(seeds)))}
+    def load() -> dict[int, Generation]:
+        return {g.seed: g for part in _chunks(seeds) for g in s.scalars(select(Generation).where(
+            Generation.ensemble_id == ensemble_id, Generation.steps == steps, Generation.seed.in_(part)))}
+
+    have = load()
+    missing = [sd for sd in seeds if sd not in have]
+    if missing:
+        now = utcnow()
+        _insert_ignore(s, Generation, [dict(ensemble_id=ensemble_id, seed=sd, steps=steps, status="pending",
+                                            created_at=now) for sd in missing])
+        have = load()
+    return [have[sd] for sd in seeds]
+
+
+def _attributions(s: Session, gens: list[Generation], opt: AttributeOptions,
+                  settings: Settings) -> list[tuple[Attribution, bool]]:
+    """Get or create one attribution per generation with these options; (row, needs a job).
+
+    A failed attribution asked for again is reset (a retry); one pending or running keeps its job."""
+    limit("max_top_k", opt.top_k, settings, "top_k")
+    limit("max_verify_top_k", opt.verify_top_k, settings, "verify_top_k")
+    # Exact entries are exact already; verifying more than the reported top_k means all of them.
+    verify_k = 0 if opt.method == "exact" else min(opt.verify_top_k, opt.top_k)
+    key = dict(method=opt.method, metric=opt.metric, top_k=opt.top_k, verify_top_k=verify_k)
+    gen_ids = [g.id for g in gens]
+
+    def load() -> dict[int, Attribution]:
+        return {a.generation_id: a for part in _chunks(gen_ids) for a in s.scalars(
+            select(Attribution).filter_by(**key).where(Attribution.generation_id.in_(part)))}
+
+    have = load()
+    missing = [gid for gid in gen_ids if gid not in have]
+    if missing:
+        now = utcnow()
+        _insert_ignore(s, Attribution, [dict(generation_id=gid, status="pending", created_at=now, **key)
+                                        for gid in missing])
+        have = load()
     out = []
-    for seed in seeds:
-        g = existing.get(seed)
-        if g is None:
-            g = Generation(ensemble_id=ensemble_id, seed=seed, steps=steps, status="pending")
-            try:
-                with s.begin_nested():
-                    s.add(g)
-            except IntegrityError:  # created concurrently
-                g = s.scalars(select(Generation).where(Generation.ensemble_id == ensemble_id,
-                                                       Generation.steps == steps,
-                                                       Generation.seed == seed)).one()
-        out.append(g)
+    for gid in gen_ids:
+        att = have[gid]
+        if att.status == "failed":
+            att.status = "pending"
+            out.append((att, True))
+        else:
+            out.append((att, att.job_id is None))
     return out
 
 
@@ -131,8 +181,8 @@ def generate(body: GenerateCreate, _: LimitedOperatorDep, s: SessionDep, db: Dat
              settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> GenerateAccepted:
     """Creates one generation per seed and a job that samples them. Poll `GET /jobs/{job_id}`;
     the same (ensemble, seed, steps) always gives the same generation and the same bytes."""
+    limit("max_seeds_per_request", body.num_seeds(), settings, "number of seeds")
     seeds = body.seed_list()
-    limit("max_seeds_per_request", len(seeds), settings, "number of seeds")
     old = _replay(s, idempotency_key, "generate")
     if old is not None:
         return GenerateAccepted(job_id=old.id, **old.payload["response"])
@@ -164,30 +214,6 @@ def _commit_once(s: Session, idempotency_key: str | None) -> None:
         raise
 
 
-def _attribution(s: Session, gen: Generation, opt: AttributeOptions,
-                 settings: Settings) -> tuple[Attribution, bool]:
-    """Get or create the attribution; returns (row, needs_job)."""
-    limit("max_top_k", opt.top_k, settings, "top_k")
-    limit("max_verify_top_k", opt.verify_top_k, settings, "verify_top_k")
-    verify_k = 0 if opt.method == "exact" else opt.verify_top_k  # exact entries are exact already
-    key = dict(generation_id=gen.id, method=opt.method, metric=opt.metric, top_k=opt.top_k,
-               verify_top_k=verify_k)
-    att = s.scalar(select(Attribution).filter_by(**key))
-    if att is None:
-        att = Attribution(**key, status="pending")
-        try:
-            with s.begin_nested():
-                s.add(att)
-        except IntegrityError:
-            att = s.scalars(select(Attribution).filter_by(**key)).one()
-            return att, False
-        return att, True
-    if att.status == "failed":  # asking again retries
-        att.status = "pending"
-        return att, True
-    return att, False
-
-
 @router.post("/attribute", status_code=202, response_model=AttributeAccepted,
              summary="Attribute a generation to its training works (asynchronously)")
 def attribute(body: AttributeCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
@@ -200,7 +226,7 @@ def attribute(body: AttributeCreate, _: LimitedOperatorDep, s: SessionDep, db: D
     gen = s.get(Generation, body.generation_id)
     if gen is None:
         raise HTTPException(404, f"generation {body.generation_id} not found")
-    att, needs_job = _attribution(s, gen, body, settings)
+    [(att, needs_job)] = _attributions(s, [gen], body, settings)
     if not needs_job and att.job_id is not None:
         s.commit()
         return AttributeAccepted(job_id=att.job_id, attribution_id=att.id)
@@ -212,7 +238,7 @@ def attribute(body: AttributeCreate, _: LimitedOperatorDep, s: SessionDep, db: D
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, summary="Status and progress of a job")
-def get_job(job_id: str, _: OperatorDep, s: SessionDep) -> JobPublic:
+def get_job(job_id: JobId, _: OperatorDep, s: SessionDep) -> JobPublic:
     job = s.get(Job, job_id)
     if job is None:
         raise HTTPException(404, f"job {job_id} not found")
@@ -227,7 +253,7 @@ def _generation_public(g: Generation) -> GenerationPublic:
 
 
 @router.get("/generations/{generation_id}", response_model=GenerationPublic, summary="A generation")
-def get_generation(generation_id: int, _: OperatorDep, s: SessionDep) -> GenerationPublic:
+def get_generation(generation_id: PathId, _: OperatorDep, s: SessionDep) -> GenerationPublic:
     g = s.get(Generation, generation_id)
     if g is None:
         raise HTTPException(404, f"generation {generation_id} not found")
@@ -236,7 +262,7 @@ def get_generation(generation_id: int, _: OperatorDep, s: SessionDep) -> Generat
 
 @router.get("/generations/{generation_id}/image.png", responses=PNG, response_class=Response,
             summary="A generation's PNG")
-def get_generation_image(generation_id: int, _: OperatorDep, s: SessionDep, scale: Scale = 1) -> Response:
+def get_generation_image(generation_id: PathId, _: OperatorDep, s: SessionDep, scale: Scale = 1) -> Response:
     g = s.get(Generation, generation_id)
     if g is None:
         raise HTTPException(404, f"generation {generation_id} not found")
@@ -269,7 +295,7 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
 
 @router.get("/attributions/{attribution_id}", response_model=AttributionPublic,
             summary="A ranking of training works, with owners and exact scores where verified")
-def get_attribution(attribution_id: int, _: OperatorDep, s: SessionDep) -> AttributionPublic:
+def get_attribution(attribution_id: PathId, _: OperatorDep, s: SessionDep) -> AttributionPublic:
     att = s.get(Attribution, attribution_id)
     if att is None:
         raise HTTPException(404, f"attribution {attribution_id} not found")
@@ -303,7 +329,7 @@ def counterfactual_png(s: Session, attribution_id: int, item_id: int) -> bytes:
 
 @router.get("/attributions/{attribution_id}/counterfactual/{item_id}.png", responses=PNG,
             response_class=Response, summary="The generation without one training work")
-def get_counterfactual(attribution_id: int, item_id: int, _: OperatorDep, s: SessionDep,
+def get_counterfactual(attribution_id: PathId, item_id: PathId, _: OperatorDep, s: SessionDep,
                        scale: Scale = 1) -> Response:
     """The exact counterfactual (same noise, the members trained on the work dropped) where
     verified, otherwise the one synthetic ablation predicts (first order)."""
@@ -313,11 +339,12 @@ def get_counterfactual(attribution_id: int, item_id: int, _: OperatorDep, s: Ses
 @router.post("/batches", status_code=202, response_model=BatchAccepted,
              summary="Many seeds at once, optionally attributed")
 def create_batch(body: BatchCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
-                 settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
+                 settings: SettingsDep, background: BackgroundTasks,
+                 idempotency_key: IdempotencyKey = None) -> BatchAccepted:
     """Samples every seed (and attributes each sample when `attribute` is given); follow
     `GET /batches/{batch_id}` for progress over the whole batch."""
+    limit("max_batch_seeds", body.num_seeds(), settings, "number of seeds")
     seeds = body.seed_list()
-    limit("max_batch_seeds", len(seeds), settings, "number of seeds")
     if idempotency_key is not None:
         old = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
         if old is not None and old.batch_id is not None:
@@ -341,9 +368,8 @@ def create_batch(body: BatchCreate, _: LimitedOperatorDep, s: SessionDep, db: Da
             new_jobs.append(jobs.new_job(s, "generate", {"generation_ids": pending[lo : lo + step]},
                                          batch_id=batch.id))
     else:
-        for g in gens:  # an attribute job samples its generation itself when needed
-            att, needs = _attribution(s, g, opt, settings)
-            if needs or att.status != "succeeded":
+        for att, needs in _attributions(s, gens, opt, settings):
+            if needs:  # an attribute job samples its generation itself when needed
                 j = jobs.new_job(s, "attribute", {"attribution_id": att.id}, batch_id=batch.id)
                 att.job_id = j.id
                 new_jobs.append(j)
@@ -351,12 +377,14 @@ def create_batch(body: BatchCreate, _: LimitedOperatorDep, s: SessionDep, db: Da
         new_jobs[0].idempotency_key = idempotency_key
     batch.generation_ids = [g.id for g in gens]
     _commit_once(s, idempotency_key)
-    jobs.enqueue(db, celery, [j.id for j in new_jobs])
+    # Publishing thousands of ids takes a while: after the response (the jobs are safe in the
+    # database; should this process die first, the reaper re-sends them).
+    background.add_task(jobs.enqueue, db, celery, [j.id for j in new_jobs])
     return BatchAccepted(batch_id=batch.id, total=len(seeds), job_ids=[j.id for j in new_jobs])
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic, summary="Progress over a whole batch")
-def get_batch(batch_id: int, _: OperatorDep, s: SessionDep) -> BatchPublic:
+def get_batch(batch_id: PathId, _: OperatorDep, s: SessionDep) -> BatchPublic:
     b = s.get(Batch, batch_id)
     if b is None:
         raise HTTPException(404, f"batch {batch_id} not found")
@@ -372,7 +400,7 @@ def get_batch(batch_id: int, _: OperatorDep, s: SessionDep) -> BatchPublic:
     att_ids: list[int] = []
     if b.attribute:
         opt = AttributeOptions.model_validate(b.attribute)
-        verify_k = 0 if opt.method == "exact" else opt.verify_top_k
+        verify_k = 0 if opt.method == "exact" else min(opt.verify_top_k, opt.top_k)
         by_gen = dict(s.execute(select(Attribution.generation_id, Attribution.id).where(
             Attribution.generation_id.in_(gen_ids), Attribution.method == opt.method,
             Attribution.metric == opt.metric, Attribution.top_k == opt.top_k,

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal
 from app.deps import OwnerDep, SessionDep, SettingsDep
 from app.orm import Attribution, AttributionEntry, Generation, Image, TrainingItem
-from app.routes.operator import ERRORS, PNG, Scale, counterfactual_png, limit, png_response
+from app.routes.operator import ERRORS, PNG, PathId, Scale, counterfactual_png, limit, png_response
 from app.schemas import InfluencePage, InfluencePublic, WorkPage, WorkPublic
 
 router = APIRouter(prefix="/works", tags=["rights holder"],
@@ -49,12 +49,12 @@ def list_works(p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset
 
 
 @router.get("/{work_id}", response_model=WorkPublic, summary="One of your works")
-def get_work(work_id: int, p: OwnerDep, s: SessionDep) -> WorkPublic:
+def get_work(work_id: PathId, p: OwnerDep, s: SessionDep) -> WorkPublic:
     return _work_public(_own(s, p, work_id))
 
 
 @router.get("/{work_id}/image.png", responses=PNG, response_class=Response, summary="Your work's image")
-def get_work_image(work_id: int, p: OwnerDep, s: SessionDep, scale: Scale = 1) -> Response:
+def get_work_image(work_id: PathId, p: OwnerDep, s: SessionDep, scale: Scale = 1) -> Response:
     img = s.get(Image, _own(s, p, work_id).image_sha)
     assert img is not None
     return png_response(img.png, scale)
@@ -62,7 +62,7 @@ def get_work_image(work_id: int, p: OwnerDep, s: SessionDep, scale: Scale = 1) -
 
 @router.get("/{work_id}/influence", response_model=InfluencePage,
             summary="Generations in which your work ranked in the top k")
-def get_influence(work_id: int, p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
+def get_influence(work_id: PathId, p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
                   limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
                                                "max_page_size")] = 100) -> InfluencePage:
     """Newest first: every finished attribution that ranked this work, with its rank, score
@@ -100,7 +100,7 @@ def _ranked(s: Session, p: Principal, work_id: int, attribution_id: int) -> Attr
 
 @router.get("/{work_id}/influence/{attribution_id}/generation.png", responses=PNG, response_class=Response,
             summary="The generation your work influenced")
-def get_influenced_generation(work_id: int, attribution_id: int, p: OwnerDep, s: SessionDep,
+def get_influenced_generation(work_id: PathId, attribution_id: PathId, p: OwnerDep, s: SessionDep,
                               scale: Scale = 1) -> Response:
     att = _ranked(s, p, work_id, attribution_id)
     gen = s.get(Generation, att.generation_id)
@@ -113,7 +113,7 @@ def get_influenced_generation(work_id: int, attribution_id: int, p: OwnerDep, s:
 
 @router.get("/{work_id}/influence/{attribution_id}/counterfactual.png", responses=PNG,
             response_class=Response, summary="That generation without your work")
-def get_influenced_counterfactual(work_id: int, attribution_id: int, p: OwnerDep, s: SessionDep,
+def get_influenced_counterfactual(work_id: PathId, attribution_id: PathId, p: OwnerDep, s: SessionDep,
                                   scale: Scale = 1) -> Response:
     _ranked(s, p, work_id, attribution_id)
     return png_response(counterfactual_png(s, attribution_id, work_id), scale)

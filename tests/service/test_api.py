@@ -208,13 +208,13 @@ def test_generate_limits_name_the_setting(make_service: Callable[..., Service], 
 
 def test_generate_steps_past_T(svc: Service) -> None:
     r = svc.client.post("/generate", json={"seeds": [0], "steps": 21}, headers=svc.op())
-    assert r.status_code == 422 and "T=20" in r.json()["detail"]
+    assert r.status_code == 409 and "T=20" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("body", [
-    {}, {"seeds": [0], "count": 2}, {"seeds": []}, {"seeds": [-1]}, {"seeds": [2**63]}, {"seeds": [1, 1]},
+    {}, {"seeds": [0], "count": 2}, {"seeds": []}, {"seeds": [-1]}, {"seeds": [2**53]}, {"seeds": [1, 1]},
     {"count": 0}, {"seeds": [0], "steps": 0}, {"seeds": [0], "colour": "red"}, {"seeds": "0"},
-    {"count": 2, "seed_start": 2**63 - 1},
+    {"count": 2, "seed_start": 2**52 + 1}, {"seeds": None, "count": 2}, {"count": 2**62},
 ])
 def test_generate_bad_bodies_422(svc: Service, body: dict) -> None:
     r = svc.client.post("/generate", json=body, headers=svc.op())
@@ -326,7 +326,7 @@ def test_attribute_limits(make_service: Callable[..., Service], body: dict, need
 
 
 @pytest.mark.parametrize("body", [
-    {"top_k": 0}, {"top_k": 2, "verify_top_k": 3}, {"method": "magic"}, {"metric": "l1"},
+    {"top_k": 0}, {"top_k": 2, "verify_top_k": 1.5}, {"method": "magic"}, {"metric": "l1"},
     {"verify_top_k": -1},
 ])
 def test_attribute_bad_bodies_422(svc: Service, body: dict) -> None:
@@ -504,3 +504,15 @@ def test_a_running_job_with_a_live_worker_is_not_taken(svc: Service) -> None:
     with svc.db.session() as s:
         s.execute(update(Job).values(status="running", attempts=1, worker="other:1", heartbeat_at=utcnow()))
     assert execute_job(out["job_id"], svc.worker) == "skipped"
+
+
+def test_a_big_batch_twice_makes_one_job_per_attribution(make_service: Callable[..., Service]) -> None:
+    svc = make_service(max_batch_seeds=3000)
+    r = svc.client.post("/batches", json={"count": 3000, "attribute": {"top_k": 3}}, headers=svc.op())
+    assert r.status_code == 202 and len(set(r.json()["job_ids"])) == 3000
+    again = svc.client.post("/batches", json={"count": 3000, "attribute": {"top_k": 3}}, headers=svc.op())
+    assert again.json()["job_ids"] == []  # same attributions, already queued: no second job each
+    b = svc.client.get(f"/batches/{again.json()['batch_id']}", headers=svc.op()).json()
+    assert len(set(b["attribution_ids"])) == 3000 and b["done"]
+    with svc.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 3000
