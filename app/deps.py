@@ -71,6 +71,9 @@ def get_principal(
     header: Annotated[str | None, Depends(_header)],
 ) -> Principal:
     key = bearer.credentials if bearer is not None else header
+    if bearer is not None and header is not None and bearer.credentials != header:
+        raise HTTPException(401, "two different API keys (Authorization and X-API-Key): send one",
+                            headers={"WWW-Authenticate": "Bearer"})
     if not key:
         raise HTTPException(401, "missing API key (Authorization: Bearer <key> or X-API-Key)",
                             headers={"WWW-Authenticate": "Bearer"})

@@ -54,7 +54,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     fh = open(log, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=log.parent)
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -144,6 +145,7 @@ def base_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 def test_embedded_default(base_env: dict[str, str], ckpt: Path, tmp_path: Path) -> None:
     run_flow({**base_env, "MODE": "embedded"}, ckpt, tmp_path, separate_workers=0)
     assert (tmp_path / "data" / "attrib.db").exists() and (tmp_path / "data" / "broker").is_dir()
+    assert not (tmp_path / "control").exists()  # the broker writes only under the data folder
 
 
 def test_postgres_and_redis(base_env: dict[str, str], ckpt: Path, tmp_path: Path) -> None:

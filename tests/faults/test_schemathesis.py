@@ -18,7 +18,7 @@ EXAMPLES = 12
 @pytest.mark.parametrize("who", ["operator", "rights-holder", "forged-key", "no-key"])
 def test_every_operation(make_service: Callable[..., Service], who: str) -> None:
     svc = make_service(rate_limit_per_minute=0, max_batch_seeds=20, max_seeds_per_request=8)
-    headers = {"operator": svc.op(), "rights-holder": svc.owner("alice"),
+    headers = {"operator": svc.op(), "rights-holder": {"Authorization": f"Bearer {svc.owner_keys['alice']}"},
                "forged-key": {"Authorization": "Bearer attrib_000000000000_forged"}, "no-key": {}}[who]
     schema = schemathesis.openapi.from_asgi("/openapi.json", svc.client.app)
     ops = [r.ok() for r in schema.get_all_operations()]

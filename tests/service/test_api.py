@@ -106,6 +106,9 @@ def test_no_key_401_bad_key_401(svc: Service) -> None:
     for path, body in OPERATOR_POSTS:
         r = c.post(path, json=body)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    # Two different keys at once are refused, whichever is valid.
+    both = {"Authorization": f"Bearer {svc.operator_key}", "X-API-Key": svc.owner_keys["alice"]}
+    assert c.get("/jobs/x", headers=both).status_code == 401
     # A key's prefix with another secret is refused.
     forged = svc.operator_key.rsplit("_", 1)[0] + "_" + "x" * 43
     assert c.get("/jobs/x", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
