@@ -397,7 +397,7 @@ def add_parser(sub: Any) -> None:
         sp.add_argument("--samples", type=int, default=samples, help=f"generated samples (default {samples})")
         sp.add_argument("--seed-start", type=int, default=0, help="first sample seed")
         sp.add_argument("--steps", type=int, default=None, help="sampling steps (default: T)")
-        sp.add_argument("--chunk", type=int, default=1024, help="counterfactual trajectories per pass")
+        sp.add_argument("--chunk", type=int, default=256, help="counterfactual trajectories per pass")
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default)")
         sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
         sp.set_defaults(default_data=data)
