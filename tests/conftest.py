@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,24 @@ def tiny_net64(tiny_ensemble: Ensemble) -> WideUNet:
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+@pytest.fixture(scope="session")
+def cli_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ensemble (n=8) trained by the `attrib` CLI on 60 digits (for real-process tests)."""
+    from tests.procs import attrib
+
+    out = tmp_path_factory.mktemp("cli") / "tiny.pt"
+    attrib({**os.environ, "OMP_NUM_THREADS": "2"}, "train", "--data", "digits", "--subset", "60",
+           "--preset", "tiny", "--n", "8", "--out", str(out))
+    return out
+
+
+@pytest.fixture
+def base_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment for service processes: data under tmp_path, one torch thread each."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_") and k not in
+           ("DATABASE_URL", "BROKER_URL")}
+    env.update(ATTRIB_DATA_DIR=str(tmp_path / "data"), ATTRIB_WORKER_THREADS="1", OMP_NUM_THREADS="1",
+               ATTRIB_HEARTBEAT_S="1")
+    return env

@@ -9,83 +9,25 @@ generation under their work's influence.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.procs import BIN, attrib, free_port, start, stop, wait_job
 from tests.service.services import fresh_postgres, redis_url
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 IMAGES: dict[str, bytes] = {}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def attrib(env: dict[str, str], *args: str) -> dict:
-    r = subprocess.run([str(BIN / "attrib"), *args, "--json"], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, f"attrib {' '.join(args)}: {r.stderr[-2000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ensemble (n=8) trained by the CLI on 60 digits."""
-    out = tmp_path_factory.mktemp("e2e") / "tiny.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    attrib(env, "train", "--data", "digits", "--subset", "60", "--preset", "tiny", "--n", "8",
-           "--out", str(out))
-    return out
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=log.parent)
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def wait_job(c: httpx.Client, job_id: str, headers: dict[str, str], timeout: float = 180) -> dict:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        job = c.get(f"/jobs/{job_id}", headers=headers).json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {job}")
-
-
-def run_flow(env: dict[str, str], ckpt: Path, tmp: Path, separate_workers: int) -> None:
+def run_flow(env: dict[str, str], cli_ckpt: Path, tmp: Path, separate_workers: int) -> None:
     attrib(env, "migrate")
     imported = attrib(env, "import", "--data", "digits", "--subset", "60", "--owners-by-label", "3")
     owner_keys = {k["owner"]: k["key"] for k in imported["keys"]}
     assert len(owner_keys) == 3
-    attrib(env, "register", "--ckpt", str(ckpt), "--name", "tiny")
+    attrib(env, "register", "--ckpt", str(cli_ckpt), "--name", "tiny")
     op = {"Authorization": f"Bearer {attrib(env, 'key', 'create')['key']}"}
     port = free_port()
     workers = 0 if separate_workers else 1
@@ -133,28 +75,19 @@ def run_flow(env: dict[str, str], ckpt: Path, tmp: Path, separate_workers: int) 
         stop(procs)
 
 
-@pytest.fixture
-def base_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_") and k not in
-           ("DATABASE_URL", "BROKER_URL")}
-    env.update(ATTRIB_DATA_DIR=str(tmp_path / "data"), ATTRIB_WORKER_THREADS="1", OMP_NUM_THREADS="1",
-               ATTRIB_HEARTBEAT_S="1")
-    yield env
-
-
-def test_embedded_default(base_env: dict[str, str], ckpt: Path, tmp_path: Path) -> None:
-    run_flow({**base_env, "MODE": "embedded"}, ckpt, tmp_path, separate_workers=0)
+def test_embedded_default(base_env: dict[str, str], cli_ckpt: Path, tmp_path: Path) -> None:
+    run_flow({**base_env, "MODE": "embedded"}, cli_ckpt, tmp_path, separate_workers=0)
     assert (tmp_path / "data" / "attrib.db").exists() and (tmp_path / "data" / "broker").is_dir()
     assert not (tmp_path / "control").exists()  # the broker writes only under the data folder
 
 
-def test_postgres_and_redis(base_env: dict[str, str], ckpt: Path, tmp_path: Path) -> None:
+def test_postgres_and_redis(base_env: dict[str, str], cli_ckpt: Path, tmp_path: Path) -> None:
     import redis
 
     url = redis_url(db=9)
     redis.Redis.from_url(url).flushdb()
     with fresh_postgres() as db:
-        run_flow({**base_env, "MODE": "postgres", "DATABASE_URL": db, "BROKER_URL": url}, ckpt, tmp_path,
+        run_flow({**base_env, "MODE": "postgres", "DATABASE_URL": db, "BROKER_URL": url}, cli_ckpt, tmp_path,
                  separate_workers=2)
     assert not (tmp_path / "data" / "attrib.db").exists()
 

@@ -1,0 +1,212 @@
+"""Faults with real processes, PostgreSQL and Redis: workers SIGKILLed mid-job, a job that
+kills its worker every time, Redis restarted under a batch, PostgreSQL stopped under a batch.
+Each test is bounded in time; lost-job detection is tuned to seconds through settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis as redis_lib
+from sqlalchemy import create_engine, text
+
+from app import migrate
+from app.auth import create_key
+from app.db import Database
+from app.registry import import_dataset, register_ensemble
+from models.data import ImageDataset, load_digits
+from models.ensemble import Ensemble
+from tests.procs import serve, stop, wait_job, wait_until, worker
+from tests.service.services import fresh_postgres, redis_url
+
+pytestmark = pytest.mark.slow
+
+FAST_RECOVERY = dict(ATTRIB_HEARTBEAT_S="0.5", ATTRIB_STALE_AFTER_S="3", ATTRIB_REAPER_INTERVAL_S="1",
+                     ATTRIB_REQUEUE_AFTER_S="4", ATTRIB_JOB_MAX_ATTEMPTS="3",
+                     ATTRIB_RATE_LIMIT_PER_MINUTE="0")
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], tmp: Path, url: str, op: dict[str, str]) -> None:
+        self.env, self.tmp, self.url, self.op = env, tmp, url, op
+        self.c = httpx.Client(base_url=url, timeout=10)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.n_workers = 0
+
+    def add_worker(self) -> subprocess.Popen[bytes]:
+        self.n_workers += 1
+        p = worker(self.env, self.tmp, f"worker{self.n_workers}")
+        self.procs.append(p)
+        return p
+
+    def job(self, job_id: str) -> dict:
+        return self.c.get(f"/jobs/{job_id}", headers=self.op).json()
+
+    def sql(self, q: str) -> list:
+        eng = create_engine(self.env["DATABASE_URL"])
+        with eng.connect() as con:
+            rows = list(con.execute(text(q)))
+        eng.dispose()
+        return rows
+
+
+def cli_dataset() -> ImageDataset:
+    return load_digits().sample(60, 0)  # what `attrib train --data digits --subset 60` trained on
+
+
+@pytest.fixture
+def stack(base_env: dict[str, str], cli_ckpt: Path, tmp_path: Path) -> Iterator[Stack]:
+    tiny_dataset = cli_dataset()
+    r_url = redis_url(db=10)
+    redis_lib.Redis.from_url(r_url).flushdb()
+    with fresh_postgres() as db:
+        env = {**base_env, **FAST_RECOVERY, "DATABASE_URL": db, "BROKER_URL": r_url}
+        # Set up in-process (the CLI path is covered by tests/e2e): schema, works, ensemble, key.
+        migrate.upgrade(db)
+        database = Database(db)
+        with database.session() as s:
+            import_dataset(s, tiny_dataset, "digits-60", {"data": "digits", "subset": 60})
+            register_ensemble(s, Ensemble.load(cli_ckpt), cli_ckpt, "tiny")
+            op = {"Authorization": f"Bearer {create_key(s, None, 'faults')[1]}"}
+        database.dispose()
+        api, url = serve(env, tmp_path, workers=0)
+        st = Stack(env, tmp_path, url, op)
+        st.procs.append(api)
+        try:
+            yield st
+        finally:
+            st.c.close()
+            stop(st.procs)
+
+
+def _running_pid(st: Stack, job_id: str) -> int | None:
+    rows = st.sql(f"SELECT status, worker, progress FROM job WHERE id = '{job_id}'")
+    status, who, _ = rows[0]
+    return int(who.rsplit(":", 1)[1]) if status == "running" and who else None
+
+
+def test_worker_killed_mid_generation_and_mid_attribution(stack: Stack) -> None:
+    st = stack
+    st.env["ATTRIB_GENERATE_CHUNK"] = "1"  # workers read it: one seed per pass, progress per seed
+    st.add_worker()
+    seeds = list(range(40))
+    r = st.c.post("/generate", json={"seeds": seeds, "steps": 20}, headers=st.op)
+    assert r.status_code == 202, r.text
+    job_id, gen_ids = r.json()["job_id"], r.json()["generation_ids"]
+    wait_until(lambda: float(st.job(job_id)["progress"]) > 0.1, 120)
+    pid = _running_pid(st, job_id)
+    assert pid is not None, st.job(job_id)
+    os.kill(pid, signal.SIGKILL)  # the pool child running the job
+    job = wait_job(st.c, job_id, st.op, 120)
+    assert job["status"] == "succeeded" and job["attempts"] >= 2, job
+    rows = st.sql("SELECT count(*), count(DISTINCT image_sha), min(status), max(status) FROM generation")
+    assert tuple(rows[0]) == (40, 40, "done", "done")
+
+    # Mid-attribution: an exact attribution (one sampling run per source) is long enough to hit.
+    r = st.c.post("/attribute", json={"generation_id": gen_ids[0], "method": "exact", "top_k": 5},
+                  headers=st.op)
+    att_job = r.json()["job_id"]
+    wait_until(lambda: _running_pid(st, att_job) is not None, 60)
+    os.kill(_running_pid(st, att_job) or 0, signal.SIGKILL)
+    job = wait_job(st.c, att_job, st.op, 120)
+    assert job["status"] == "succeeded" and job["attempts"] >= 2, job
+    att = st.c.get(f"/attributions/{r.json()['attribution_id']}", headers=st.op).json()
+    assert [e["rank"] for e in att["entries"]] == [1, 2, 3, 4, 5]
+    assert st.sql("SELECT count(*) FROM attribution_entry")[0][0] == 5
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_for_good(stack: Stack) -> None:
+    st = stack
+    st.add_worker()
+    r = st.c.post("/attribute", json={"generation_id": 1}, headers=st.op)  # no such generation yet
+    assert r.status_code == 404
+    r = st.c.post("/generate", json={"seeds": [5]}, headers=st.op)
+    wait_job(st.c, r.json()["job_id"], st.op)
+    r = st.c.post("/attribute", json={"generation_id": r.json()["generation_ids"][0], "method": "exact",
+                                      "top_k": 3}, headers=st.op)
+    job_id = r.json()["job_id"]
+    killed: set[int] = set()
+
+    def kill_whenever_running() -> bool:  # an out-of-memory job, as seen from outside
+        pid = _running_pid(st, job_id)
+        if pid is not None and pid not in killed:
+            killed.add(pid)
+            os.kill(pid, signal.SIGKILL)
+        return bool(st.job(job_id)["status"] == "failed")
+
+    wait_until(kill_whenever_running, 150, lambda: st.job(job_id), every=0.1)
+    job = st.job(job_id)
+    assert len(killed) == 3 and job["attempts"] == 4  # 3 runs killed; the 4th claim gives up
+    assert "gave up after 3 attempts" in job["error"]
+    time.sleep(6)  # several reaper periods: never retried again
+    again = st.job(job_id)
+    assert again["status"] == "failed" and again["attempts"] == 4
+
+
+def test_redis_restarted_under_a_batch(stack: Stack) -> None:
+    st = stack
+    st.add_worker()
+    r = st.c.post("/batches", json={"count": 50, "steps": 10}, headers=st.op)
+    assert r.status_code == 202
+    bid = r.json()["batch_id"]
+    time.sleep(1.0)
+    _restart_redis()
+    wait_until(lambda: st.c.get(f"/batches/{bid}", headers=st.op).json()["done"], 150,
+               lambda: st.c.get(f"/batches/{bid}", headers=st.op).json())
+    b = st.c.get(f"/batches/{bid}", headers=st.op).json()
+    assert b["jobs"] == {"succeeded": len(r.json()["job_ids"])}
+    rows = st.sql("SELECT count(*), count(DISTINCT seed), min(status) FROM generation")
+    assert tuple(rows[0]) == (50, 50, "done")
+
+
+def _restart_redis() -> None:
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=10)
+    wait_until(lambda: subprocess.run(["redis-cli", "ping"], capture_output=True).returncode != 0, 10)
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
+                    "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile",
+                    "/var/log/redis/ci.log"], check=True, timeout=10)
+    wait_until(lambda: subprocess.run(["redis-cli", "ping"], capture_output=True).stdout.strip() == b"PONG",
+               10)
+
+
+def _pg(action: str) -> None:
+    version = os.listdir("/etc/postgresql")[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
+                   capture_output=True, timeout=60)
+
+
+def test_postgres_stopped_under_a_batch(stack: Stack) -> None:
+    st = stack
+    st.add_worker()
+    r = st.c.post("/batches", json={"count": 30, "steps": 10}, headers=st.op)
+    bid = r.json()["batch_id"]
+    wait_until(lambda: st.c.get(f"/batches/{bid}", headers=st.op).json()["jobs"].get("succeeded", 0) >= 1, 60)
+    done_before = st.sql("SELECT count(*) FROM generation WHERE status = 'done'")[0][0]
+    _pg("stop")
+    try:
+        assert st.c.get("/healthz").status_code == 200
+        r = st.c.get("/readyz")
+        assert r.status_code == 503 and r.json()["failed"] == ["database"]
+        t0 = time.monotonic()
+        r = st.c.get(f"/batches/{bid}", headers=st.op)
+        assert r.status_code == 503 and time.monotonic() - t0 < 8  # fails fast, does not hang
+        r = st.c.post("/generate", json={"seeds": [999]}, headers=st.op)
+        assert r.status_code == 503
+        time.sleep(2)
+    finally:
+        _pg("start")
+    wait_until(lambda: st.c.get("/readyz").status_code == 200, 30)
+    wait_until(lambda: st.c.get(f"/batches/{bid}", headers=st.op).json()["done"], 150,
+               lambda: st.c.get(f"/batches/{bid}", headers=st.op).json())
+    b = st.c.get(f"/batches/{bid}", headers=st.op).json()
+    assert set(b["jobs"]) == {"succeeded"}  # every job of the batch, none failed
+    rows = st.sql("SELECT count(*), min(status) FROM generation WHERE id IN "
+                  f"({','.join(str(g) for g in b['generation_ids'])})")
+    assert tuple(rows[0]) == (30, "done")
+    assert st.sql("SELECT count(*) FROM generation WHERE status = 'done'")[0][0] >= max(done_before, 30)
