@@ -25,6 +25,7 @@ import hashlib
 import operator
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,8 +53,14 @@ IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
 _GZIP_MAGIC = b"\x1f\x8b"
 _FINGERPRINT_TAG = b"attrib.ImageDataset.v1"
+#: What a folder may hold: the decoder is chosen from these only, whatever the extension says.
+ALLOWED_FORMATS = ("PNG", "JPEG")
+#: Largest image accepted in a dataset folder (checked from the header, before decoding).
+MAX_ITEM_PIXELS = 1024 * 1024
+
 _PIL_ERRORS = (
     Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
     UnidentifiedImageError,
     OSError,
     SyntaxError,
@@ -632,7 +639,14 @@ def load_folder(path: PathLike) -> ImageDataset:
     for rel in rels:
         fp = root / rel
         try:
-            with Image.open(fp) as im:
+            with warnings.catch_warnings():
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im_cm = Image.open(fp, formats=ALLOWED_FORMATS)
+            with im_cm as im:
+                if im.width * im.height > MAX_ITEM_PIXELS:
+                    raise DatasetError(f"{fp}: {im.width}x{im.height} image is over the limit of "
+                                       f"{MAX_ITEM_PIXELS:,} pixels per item")
                 im.load()
                 if size is None:
                     size, first = im.size, rel
@@ -644,6 +658,8 @@ def load_folder(path: PathLike) -> ImageDataset:
                 arr, colour = _decode_pil(im)
         except DatasetError:
             raise
+        except UnidentifiedImageError as e:
+            raise DatasetError(f"{fp}: not a readable {' or '.join(ALLOWED_FORMATS)} image") from e
         except _PIL_ERRORS as e:
             raise DatasetError(
                 f"{fp}: unreadable or corrupt image ({type(e).__name__}: {e})"

@@ -519,3 +519,21 @@ def test_a_big_batch_twice_makes_one_job_per_attribution(make_service: Callable[
     assert len(set(b["attribution_ids"])) == 3000 and b["done"]
     with svc.db.session() as s:
         assert s.scalar(select(func.count()).select_from(Job)) == 3000
+
+
+def test_requests_exactly_at_the_limits_are_accepted(make_service: Callable[..., Service]) -> None:
+    svc = make_service(max_seeds_per_request=4, max_steps=8, max_top_k=5, max_verify_top_k=2,
+                       max_batch_seeds=6, max_page_size=7)
+    r = svc.client.post("/generate", json={"seeds": [0, 1, 2, 3], "steps": 8}, headers=svc.op())
+    assert r.status_code == 202
+    gid = r.json()["generation_ids"][0]
+    r = svc.client.post("/attribute", json={"generation_id": gid, "top_k": 5, "verify_top_k": 2},
+                        headers=svc.op())
+    assert r.status_code == 202
+    assert svc.client.post("/batches", json={"count": 6, "steps": 8}, headers=svc.op()).status_code == 202
+    assert svc.client.get("/works?limit=7", headers=svc.owner("bob")).status_code == 200
+    assert svc.client.get("/works?limit=8", headers=svc.owner("bob")).status_code == 422
+    assert svc.run_jobs() == ["succeeded"] * 3
+    spec = svc.client.get("/openapi.json").json()["components"]["schemas"]
+    assert spec["GenerateCreate"]["properties"]["seeds"]["maxItems"] == 4
+    assert spec["BatchCreate"]["properties"]["seeds"]["maxItems"] == 6
