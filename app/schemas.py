@@ -34,21 +34,35 @@ MAX_SEED_START = 2**52  # so that seed_start + count never leaves the seed range
 class _SeedsIn(_In):
     """Exactly one of ``seeds`` or ``count`` (the JSON schema says so with oneOf)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "oneOf": [{"required": ["seeds"]}, {"required": ["count"]}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["seeds"]}, {"required": ["count"]}]}
+    )
 
-    ensemble_id: int | None = Field(None, ge=1, le=MAX_ID,
-                                    description="ensemble to sample; default: the newest ready one")
-    seeds: list[SeedValue] = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},  # type: ignore[assignment]
-                                   description="distinct noise seeds (0..2^53-1), one sample each; "
-                                   "at most max_seeds_per_request (POST /generate) or max_batch_seeds "
-                                   "(POST /batches)")
-    count: int = Field(None, ge=1, description="instead of seeds: this many consecutive seeds "  # type: ignore[assignment]
-                       "starting at seed_start (same limits as seeds)")
+    ensemble_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="ensemble to sample; default: the newest ready one"
+    )
+    seeds: list[SeedValue] = Field(
+        None,
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},  # type: ignore[assignment]
+        description="distinct noise seeds (0..2^53-1), one sample each; "
+        "at most max_seeds_per_request (POST /generate) or max_batch_seeds "
+        "(POST /batches)",
+    )
+    count: int = Field(
+        None,
+        ge=1,
+        description="instead of seeds: this many consecutive seeds "  # type: ignore[assignment]
+        "starting at seed_start (same limits as seeds)",
+    )
     seed_start: int = Field(0, ge=0, le=MAX_SEED_START, description="first seed with count")
-    steps: int | None = Field(None, ge=1, description="sampling steps (default the ensemble's T; "
-                              "fewer are respaced); at most max_steps, and more than the ensemble's T "
-                              "is a conflict (409)")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="sampling steps (default the ensemble's T; "
+        "fewer are respaced); at most max_steps, and more than the ensemble's T "
+        "is a conflict (409)",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> _SeedsIn:
@@ -73,21 +87,27 @@ class GenerateCreate(_SeedsIn):
 
 
 class GenerateAccepted(BaseModel):
-    job_id: str
+    job_id: str = Field(description="the job doing the work: poll GET /jobs/{job_id}")
     generation_ids: list[int] = Field(description="one per seed, in request order")
-    ensemble_id: int
-    steps: int
+    ensemble_id: int = Field(description="the ensemble that sampled it")
+    steps: int = Field(description="sampling steps")
 
 
 class AttributeOptions(_In):
     method: Literal["synthetic", "exact"] = Field(
-        "synthetic", description="synthetic: one Jacobian ranks every source (fast); exact: one "
-        "counterfactual sampling run per source (slow, exact)")
+        "synthetic",
+        description="synthetic: one Jacobian ranks every source (fast); exact: one "
+        "counterfactual sampling run per source (slow, exact)",
+    )
     metric: Literal["l2", "lpips"] = Field("l2", description="distance between sample and counterfactual")
     top_k: int = Field(10, ge=1, description="sources reported; at most max_top_k")
-    verify_top_k: int = Field(0, ge=0, description="exact counterfactuals for the top K of a synthetic "
-                              "ranking (at most max_verify_top_k; more than top_k verifies all top_k; "
-                              "ignored for method=exact)")
+    verify_top_k: int = Field(
+        0,
+        ge=0,
+        description="exact counterfactuals for the top K of a synthetic "
+        "ranking (at most max_verify_top_k; more than top_k verifies all top_k; "
+        "ignored for method=exact)",
+    )
 
 
 class AttributeCreate(AttributeOptions):
@@ -95,65 +115,74 @@ class AttributeCreate(AttributeOptions):
 
 
 class AttributeAccepted(BaseModel):
-    job_id: str
-    attribution_id: int
+    job_id: str = Field(description="the job doing the work: poll GET /jobs/{job_id}")
+    attribution_id: int = Field(
+        description="the attribution: GET /attributions/{attribution_id} once the job succeeded"
+    )
 
 
 class JobPublic(BaseModel):
-    id: str
-    kind: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    id: str = Field(description="job id (UUID)")
+    kind: str = Field(description="generate or attribute")
+    status: Literal["queued", "running", "succeeded", "failed"] = Field(description="life cycle state")
     progress: float = Field(description="0..1")
-    error: str | None
+    error: str | None = Field(description="why it failed, if it did")
     attempts: int = Field(description="times a worker started it")
-    result: dict[str, Any] | None
-    batch_id: int | None
-    created_at: Time
-    updated_at: Time
-    started_at: Time | None
-    finished_at: Time | None
+    result: dict[str, Any] | None = Field(description="what it produced, once succeeded")
+    batch_id: int | None = Field(description="the batch: GET /batches/{batch_id}")
+    created_at: Time = Field(description="when it was created (UTC)")
+    updated_at: Time = Field(description="last change, progress or heartbeat (UTC)")
+    started_at: Time | None = Field(description="when a worker last started it (UTC)")
+    finished_at: Time | None = Field(description="when it finished (UTC), if it has")
 
 
 class GenerationPublic(BaseModel):
-    id: int
-    ensemble_id: int
-    seed: int
-    steps: int
-    status: Literal["pending", "done"]
+    id: int = Field(description="generation id")
+    ensemble_id: int = Field(description="the ensemble that sampled it")
+    seed: int = Field(description="noise seed: with the ensemble and steps it fixes the image")
+    steps: int = Field(description="sampling steps")
+    status: Literal["pending", "done"] = Field(description="life cycle state")
     image_url: str | None = Field(description="the PNG, once sampled")
-    image_sha256: str | None
-    has_jacobian: bool
-    created_at: Time
-    finished_at: Time | None
+    image_sha256: str | None = Field(description="SHA-256 of the PNG bytes")
+    has_jacobian: bool = Field(
+        description="whether the Jacobian with respect to the member weights is stored (after an attribution)"
+    )
+    created_at: Time = Field(description="when it was created (UTC)")
+    finished_at: Time | None = Field(description="when it finished (UTC), if it has")
 
 
 class EntryPublic(BaseModel):
     rank: int = Field(description="1 = most influential")
-    training_item_id: int
-    external_ref: str
-    label: int | None
-    owner_id: int | None
-    owner_name: str | None
-    score: float = Field(description="distance between the sample and its counterfactual without this "
-                         "work (synthetic estimate, or exact for method=exact)")
+    training_item_id: int = Field(description="the training work (GET /works/{id} for its owner)")
+    external_ref: str = Field(description="the work's reference in its dataset (file name, index)")
+    label: int | None = Field(description="the work's class label, if the dataset has labels")
+    owner_id: int | None = Field(description="the rights holder owning the work, if any")
+    owner_name: str | None = Field(description="that rights holder's name")
+    score: float = Field(
+        description="distance between the sample and its counterfactual without this "
+        "work (synthetic estimate, or exact for method=exact)"
+    )
     exact_score: float | None = Field(description="exact distance, where verified")
-    counterfactual_url: str = Field(description="PNG of the counterfactual: exact where verified, "
-                                    "else predicted by synthetic ablation")
-    counterfactual_kind: Literal["exact", "predicted"]
+    counterfactual_url: str = Field(
+        description="PNG of the counterfactual: exact where verified, else predicted by synthetic ablation"
+    )
+    counterfactual_kind: Literal["exact", "predicted"] = Field(
+        description="exact (computed by re-sampling) or predicted (synthetic ablation, f + J dw)"
+    )
 
 
 class AttributionPublic(BaseModel):
-    id: int
-    generation_id: int
-    method: str
-    metric: str
-    top_k: int
-    verify_top_k: int
-    status: Literal["pending", "running", "succeeded", "failed"]
+    id: int = Field(description="attribution id")
+    generation_id: int = Field(description="the generation attributed")
+    method: str = Field(description="synthetic or exact")
+    metric: str = Field(description="l2 or lpips")
+    top_k: int = Field(description="entries reported")
+    verify_top_k: int = Field(description="how many of the top entries have an exact score")
+    status: Literal["pending", "running", "succeeded", "failed"] = Field(description="life cycle state")
     agreement: dict[str, float] | None = Field(description="synthetic vs exact on the verified entries")
-    created_at: Time
-    finished_at: Time | None
-    entries: list[EntryPublic]
+    created_at: Time = Field(description="when it was created (UTC)")
+    finished_at: Time | None = Field(description="when it finished (UTC), if it has")
+    entries: list[EntryPublic] = Field(description="ranked training works, most influential first")
 
 
 class BatchCreate(_SeedsIn):
@@ -163,60 +192,68 @@ class BatchCreate(_SeedsIn):
 
 
 class BatchAccepted(BaseModel):
-    batch_id: int
-    total: int
-    job_ids: list[str]
+    batch_id: int = Field(description="the batch: GET /batches/{batch_id}")
+    total: int = Field(description="number of items (all pages)")
+    job_ids: list[str] = Field(
+        description="jobs created by this request (none when everything was already done or queued)"
+    )
 
 
 class BatchPublic(BaseModel):
-    id: int
-    ensemble_id: int
-    steps: int
+    id: int = Field(description="batch id")
+    ensemble_id: int = Field(description="the ensemble that sampled it")
+    steps: int = Field(description="sampling steps")
     total: int = Field(description="samples in the batch")
-    attribute: dict[str, Any] | None
+    attribute: dict[str, Any] | None = Field(description="the attribution options of the batch, if any")
     jobs: dict[str, int] = Field(description="job count by status")
     progress: float = Field(description="0..1 over all jobs of the batch")
     done: bool = Field(description="every job finished (succeeded or failed)")
-    generation_ids: list[int]
-    attribution_ids: list[int]
-    created_at: Time
+    generation_ids: list[int] = Field(description="one generation per seed, in seed order")
+    attribution_ids: list[int] = Field(
+        description="one attribution per generation (batches with attribute), in the same order"
+    )
+    created_at: Time = Field(description="when it was created (UTC)")
 
 
 class WorkPublic(BaseModel):
-    id: int
-    dataset_id: int
-    external_ref: str
-    label: int | None
-    sha256: str
-    image_url: str
+    id: int = Field(description="work (training item) id")
+    dataset_id: int = Field(description="the dataset the work belongs to")
+    external_ref: str = Field(description="the work's reference in its dataset (file name, index)")
+    label: int | None = Field(description="the work's class label, if the dataset has labels")
+    sha256: str = Field(description="SHA-256 of the work's pixels (uint8 C,H,W)")
+    image_url: str = Field(description="the work's image (PNG)")
 
 
 class WorkPage(BaseModel):
-    items: list[WorkPublic]
-    total: int
-    offset: int
-    limit: int
+    items: list[WorkPublic] = Field(description="this page")
+    total: int = Field(description="number of items (all pages)")
+    offset: int = Field(description="items skipped")
+    limit: int = Field(description="page size")
 
 
 class InfluencePublic(BaseModel):
-    attribution_id: int
-    generation_id: int
-    ensemble_id: int
-    seed: int
-    rank: int
-    top_k: int
-    method: str
-    metric: str
-    score: float
-    exact_score: float | None
+    attribution_id: int = Field(
+        description="the attribution: GET /attributions/{attribution_id} once the job succeeded"
+    )
+    generation_id: int = Field(description="the generation attributed")
+    ensemble_id: int = Field(description="the ensemble that sampled it")
+    seed: int = Field(description="noise seed: with the ensemble and steps it fixes the image")
+    rank: int = Field(description="1 = most influential")
+    top_k: int = Field(description="entries reported")
+    method: str = Field(description="synthetic or exact")
+    metric: str = Field(description="l2 or lpips")
+    score: float = Field(
+        description="distance between the generation and its counterfactual without this work"
+    )
+    exact_score: float | None = Field(description="exact distance, where verified")
     generation_url: str = Field(description="the generated image (PNG)")
     counterfactual_url: str = Field(description="the generation without this work (PNG)")
-    created_at: Time
+    created_at: Time = Field(description="when it was created (UTC)")
 
 
 class InfluencePage(BaseModel):
-    work_id: int
-    items: list[InfluencePublic]
-    total: int
-    offset: int
-    limit: int
+    work_id: int = Field(description="the work")
+    items: list[InfluencePublic] = Field(description="this page")
+    total: int = Field(description="number of items (all pages)")
+    offset: int = Field(description="items skipped")
+    limit: int = Field(description="page size")
