@@ -10,6 +10,10 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
+MAX_SESSIONS = 32
+"""Requests holding a session at once in one API process (app.deps.SessionDep)."""
+POOL_SIZE = MAX_SESSIONS + 8  # + key lookups, the reaper, readiness checks
+
 
 def make_engine(url: str, **kw: Any) -> Engine:
     """An engine with the settings the service relies on.
@@ -22,7 +26,8 @@ def make_engine(url: str, **kw: Any) -> Engine:
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kw)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_SIZE, max_overflow=10, **kw)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -37,7 +42,7 @@ def make_engine(url: str, **kw: Any) -> Engine:
     connect_args: dict[str, Any] = {}
     if url.startswith("postgresql"):
         connect_args = {"connect_timeout": 3, "options": "-c statement_timeout=30000"}
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=5,
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=10, pool_timeout=5,
                          connect_args=connect_args, **kw)
 
 

@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, hash_key
-from app.db import Database
+from app.db import MAX_SESSIONS, Database
 from app.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: <API key>")
 
 
-def get_settings(request: Request) -> Settings:
+# Trivial dependencies are async: no trip to the thread pool.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     return request.app.state.db  # type: ignore[no-any-return]
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery  # type: ignore[no-any-return]
 
 
@@ -39,8 +42,23 @@ def get_session(request: Request) -> Iterator[Session]:
         yield s
 
 
+async def write_gate(request: Request) -> AsyncIterator[None]:
+    """SQLite has one writer: queue this process's writing requests here (in the event loop, no
+    thread held) instead of in SQLite's busy handler, which sleeps up to 100 ms per retry."""
+    lock: asyncio.Lock | None = request.app.state.write_lock
+    if lock is None:
+        yield
+        return
+    async with lock:
+        yield
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# At most MAX_SESSIONS requests hold a session at once (the rest wait without a thread), and the
+# session ends with the handler, before the response is sent. The connection pool is larger
+# (app.db), so a thread never waits for a connection that a thread-less request holds.
+SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=MAX_SESSIONS)]
+WriteGateDep = Annotated[None, Depends(write_gate, scope="function")]
 DatabaseDep = Annotated[Database, Depends(get_db)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
@@ -65,7 +83,7 @@ class KeyCache:
         self._hits[hash_key(key)] = (time.monotonic(), p)
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
@@ -81,8 +99,7 @@ def get_principal(
     cache: KeyCache = request.app.state.key_cache
     found, p = cache.get(key) if cache.ttl > 0 else (False, None)
     if not found:
-        with request.app.state.db.session() as s:
-            p = authenticate(s, key, settings.operator_key)
+        p = await run_in_threadpool(_lookup, request.app.state.db, key, settings.operator_key)
         if cache.ttl > 0:
             cache.put(key, p)
     if p is None:
@@ -90,13 +107,18 @@ def get_principal(
     return p
 
 
-def require_operator(p: Annotated[Principal, Depends(get_principal)]) -> Principal:
+def _lookup(db: Database, key: str, operator_key: str | None) -> Principal | None:
+    with db.session() as s:
+        return authenticate(s, key, operator_key)
+
+
+async def require_operator(p: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not p.is_operator:
         raise HTTPException(403, "operator route: a rights holder's key cannot use it")
     return p
 
 
-def require_owner(p: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def require_owner(p: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if p.is_operator:
         raise HTTPException(403, "rights-holder route: use a rights holder's key")
     return p
@@ -131,7 +153,7 @@ class RateLimiter:
             return (1.0 - tokens) / self.rate
 
 
-def rate_limited(request: Request, p: OperatorDep) -> Principal:
+async def rate_limited(request: Request, p: OperatorDep) -> Principal:
     limiter: RateLimiter = request.app.state.rate_limiter
     wait = limiter.take(p.key_id if p.key_id is not None else "env-operator")
     if wait > 0:

@@ -29,25 +29,23 @@ log = logging.getLogger(__name__)
 def new_job(s: Session, kind: str, payload: dict[str, Any], *, batch_id: int | None = None,
             idempotency_key: str | None = None) -> Job:
     job = Job(id=str(uuid.uuid4()), kind=kind, status="queued", payload=payload, batch_id=batch_id,
-              idempotency_key=idempotency_key)
+              idempotency_key=idempotency_key, enqueued_at=utcnow())
     s.add(job)
     return job
 
 
-def enqueue(db: Database, celery: Celery, job_ids: list[str]) -> int:
-    """Publish job ids; returns how many were sent. A failure leaves the job queued for the reaper."""
-    sent = []
+def enqueue(celery: Celery, job_ids: list[str]) -> int:
+    """Publish job ids (after their rows are committed); returns how many were sent. A failure
+    leaves the jobs queued: the reaper re-sends them after ``requeue_after_s``."""
+    sent = 0
     for jid in job_ids:
         try:
             publish(celery, jid)
         except Exception as exc:  # broker down: the job is safe in the database
             log.warning("could not publish job %s (%s); the reaper will re-send it", jid, exc)
             break
-        sent.append(jid)
-    if sent:
-        with db.session() as s:
-            s.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=utcnow()))
-    return len(sent)
+        sent += 1
+    return sent
 
 
 def requeue_lost(db: Database, celery: Celery, settings: Settings) -> list[str]:
@@ -64,10 +62,10 @@ def requeue_lost(db: Database, celery: Celery, settings: Settings) -> list[str]:
         )).limit(500)))
         if ids:
             # Touch them first, so the next sweep waits a full period again.
-            s.execute(update(Job).where(Job.id.in_(ids)).values(updated_at=now))
+            s.execute(update(Job).where(Job.id.in_(ids)).values(updated_at=now, enqueued_at=now))
     if ids:
         log.info("re-sending %d lost job(s)", len(ids))
-        enqueue(db, celery, ids)
+        enqueue(celery, ids)
     return ids
 
 

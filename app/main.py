@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -84,6 +85,33 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class Measure:
+    """Request count and latency by method, route template and status (plain ASGI: cheap)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - t0)
 
 
 class Metrics:
@@ -185,17 +213,10 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.celery = celery or make_celery(settings)
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    app.state.ranking_cache = operator.RankingCache()
+    app.state.write_lock = asyncio.Lock() if settings.embedded_db else None
     app.state.metrics = metrics = Metrics()
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(request.method, path).observe(time.perf_counter() - t0)
-        return response
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
@@ -246,6 +267,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
             log.warning("metrics: %s", exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(Measure, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: before any parsing
     return app
 

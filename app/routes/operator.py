@@ -5,10 +5,12 @@ Handlers only validate, write rows and publish job ids; workers do the computing
 
 from __future__ import annotations
 
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Path, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -16,7 +18,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import jobs
-from app.deps import CeleryDep, DatabaseDep, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep
+from app.db import Database
+from app.deps import CeleryDep, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriteGateDep
 from app.orm import (
     Attribution,
     AttributionEntry,
@@ -177,7 +180,8 @@ def _replay(s: Session, key: str | None, kind: str) -> Job | None:
 
 @router.post("/generate", status_code=202, response_model=GenerateAccepted,
              summary="Sample images (asynchronously)")
-def generate(body: GenerateCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+def generate(body: GenerateCreate, _: LimitedOperatorDep, _gate: WriteGateDep, s: SessionDep,
+             celery: CeleryDep,
              settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> GenerateAccepted:
     """Creates one generation per seed and a job that samples them. Poll `GET /jobs/{job_id}`;
     the same (ensemble, seed, steps) always gives the same generation and the same bytes."""
@@ -199,7 +203,7 @@ def generate(body: GenerateCreate, _: LimitedOperatorDep, s: SessionDep, db: Dat
         job.finished_at = job.created_at
     _commit_once(s, idempotency_key)
     if pending:
-        jobs.enqueue(db, celery, [job.id])
+        jobs.enqueue(celery, [job.id])
     return GenerateAccepted(job_id=job.id, **resp)
 
 
@@ -216,7 +220,8 @@ def _commit_once(s: Session, idempotency_key: str | None) -> None:
 
 @router.post("/attribute", status_code=202, response_model=AttributeAccepted,
              summary="Attribute a generation to its training works (asynchronously)")
-def attribute(body: AttributeCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+def attribute(body: AttributeCreate, _: LimitedOperatorDep, _gate: WriteGateDep, s: SessionDep,
+             celery: CeleryDep,
               settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> AttributeAccepted:
     """Ranks every training work by how much removing it would change the generation. The same
     request twice returns the same attribution (and its job, while it runs)."""
@@ -233,7 +238,7 @@ def attribute(body: AttributeCreate, _: LimitedOperatorDep, s: SessionDep, db: D
     job = jobs.new_job(s, "attribute", {"attribution_id": att.id}, idempotency_key=idempotency_key)
     att.job_id = job.id
     _commit_once(s, idempotency_key)
-    jobs.enqueue(db, celery, [job.id])
+    jobs.enqueue(celery, [job.id])
     return AttributeAccepted(job_id=job.id, attribution_id=att.id)
 
 
@@ -295,11 +300,45 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
 
 @router.get("/attributions/{attribution_id}", response_model=AttributionPublic,
             summary="A ranking of training works, with owners and exact scores where verified")
-def get_attribution(attribution_id: PathId, _: OperatorDep, s: SessionDep) -> AttributionPublic:
-    att = s.get(Attribution, attribution_id)
-    if att is None:
-        raise HTTPException(404, f"attribution {attribution_id} not found")
-    return attribution_public(s, att)
+async def get_attribution(attribution_id: PathId, _: OperatorDep, request: Request) -> Response:
+    """A finished ranking never changes, so its JSON is kept (per process) after the first read."""
+    cache: RankingCache = request.app.state.ranking_cache
+    body = cache.get(attribution_id)
+    if body is None:
+        body, final = await run_in_threadpool(_ranking_json, request.app.state.db, attribution_id)
+        if final:
+            cache.put(attribution_id, body)
+    return Response(body, media_type="application/json")
+
+
+def _ranking_json(db: Database, attribution_id: int) -> tuple[bytes, bool]:
+    with db.session() as s:
+        att = s.get(Attribution, attribution_id)
+        if att is None:
+            raise HTTPException(404, f"attribution {attribution_id} not found")
+        return attribution_public(s, att).model_dump_json().encode(), att.status == "succeeded"
+
+
+class RankingCache:
+    """JSON of finished rankings by attribution id (bounded, oldest dropped first)."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: int) -> bytes | None:
+        with self._lock:
+            body = self._items.get(key)
+            if body is not None:
+                self._items.move_to_end(key)
+            return body
+
+    def put(self, key: int, body: bytes) -> None:
+        with self._lock:
+            self._items[key] = body
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 def counterfactual_png(s: Session, attribution_id: int, item_id: int) -> bytes:
@@ -338,7 +377,8 @@ def get_counterfactual(attribution_id: PathId, item_id: PathId, _: OperatorDep, 
 
 @router.post("/batches", status_code=202, response_model=BatchAccepted,
              summary="Many seeds at once, optionally attributed")
-def create_batch(body: BatchCreate, _: LimitedOperatorDep, s: SessionDep, db: DatabaseDep, celery: CeleryDep,
+def create_batch(body: BatchCreate, _: LimitedOperatorDep, _gate: WriteGateDep, s: SessionDep,
+             celery: CeleryDep,
                  settings: SettingsDep, background: BackgroundTasks,
                  idempotency_key: IdempotencyKey = None) -> BatchAccepted:
     """Samples every seed (and attributes each sample when `attribute` is given); follow
@@ -379,7 +419,7 @@ def create_batch(body: BatchCreate, _: LimitedOperatorDep, s: SessionDep, db: Da
     _commit_once(s, idempotency_key)
     # Publishing thousands of ids takes a while: after the response (the jobs are safe in the
     # database; should this process die first, the reaper re-sends them).
-    background.add_task(jobs.enqueue, db, celery, [j.id for j in new_jobs])
+    background.add_task(jobs.enqueue, celery, [j.id for j in new_jobs])
     return BatchAccepted(batch_id=batch.id, total=len(seeds), job_ids=[j.id for j in new_jobs])
 
 

@@ -64,7 +64,7 @@ def get_work_image(work_id: PathId, p: OwnerDep, s: SessionDep, scale: Scale = 1
             summary="Generations in which your work ranked in the top k")
 def get_influence(work_id: PathId, p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
                   limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
-                                               "max_page_size")] = 100) -> InfluencePage:
+                                               "max_page_size")] = 100) -> Response:
     """Newest first: every finished attribution that ranked this work, with its rank, score
     (exact where verified) and links to the generated image and to its counterfactual."""
     limit("max_page_size", limit_, settings, "limit")
@@ -84,7 +84,8 @@ def get_influence(work_id: PathId, p: OwnerDep, s: SessionDep, settings: Setting
                              ensemble_id=r[10], seed=r[11],
                              generation_url=f"{base}/{r[3]}/generation.png",
                              counterfactual_url=f"{base}/{r[3]}/counterfactual.png") for r in rows]
-    return InfluencePage(work_id=work_id, items=items, total=total, offset=offset, limit=limit_)
+    page = InfluencePage(work_id=work_id, items=items, total=total, offset=offset, limit=limit_)
+    return Response(page.model_dump_json(), media_type="application/json")  # built and checked once
 
 
 def _ranked(s: Session, p: Principal, work_id: int, attribution_id: int) -> Attribution:
