@@ -1,8 +1,10 @@
 """HTTP API under load on loopback: enqueue, ranking and influence latency at N concurrent clients.
 
-Closed loop: each of --clients clients (one httpx.AsyncClient, one HTTP/1.1 keep-alive
-connection each, all on one uvloop event loop) sends requests back to back for --duration
-seconds after --warmup seconds that are not counted. Phases:
+Closed loop by default: each of --clients clients (one httpx.AsyncClient, one HTTP/1.1
+keep-alive connection each, all on one uvloop event loop) sends requests back to back for
+--duration seconds after --warmup seconds that are not counted; then mean latency is
+clients / throughput, so it measures saturation. --rate R paces each client at R requests/s
+instead (latency counted from the scheduled send time). Phases:
 
 * enqueue: POST /generate {"seeds": [s], "steps": 1} with a fresh seed per request (each makes
   a new generation and job). The API's work does not depend on the steps; the worker's does: a
@@ -73,6 +75,9 @@ def parse_args() -> argparse.Namespace:
                    help="measured seconds per phase and level (default 30; 8 with --quick)")
     p.add_argument("--warmup", type=float, default=None,
                    help="uncounted seconds before each phase (default 3; 1 with --quick)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="requests/s per client on a fixed schedule (latency from the scheduled time); "
+                        "0 = closed loop, each client back to back (default)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one request may take")
     p.add_argument("--seed", type=int, default=None,
@@ -205,7 +210,9 @@ Request = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
 
 
 async def run_phase(url: str, key: str, request: Request, clients: int, duration: float, warmup: float,
-                    timeout: float, server_pid: int | None) -> dict[str, Any]:
+                    timeout: float, server_pid: int | None, rate: float = 0.0) -> dict[str, Any]:
+    """rate > 0: each client sends on a fixed schedule of ``rate`` requests/s (random phase) and
+    latency counts from the scheduled time (no coordinated omission); 0: closed loop."""
     lat: list[float] = []
     statuses: Counter[int] = Counter()
     failures: Counter[str] = Counter()
@@ -221,8 +228,15 @@ async def run_phase(url: str, key: str, request: Request, clients: int, duration
     t_measure, t_end = start + warmup, start + warmup + duration
 
     async def client(c: httpx.AsyncClient) -> None:
+        due = start + (secrets.randbelow(1_000_000) / 1_000_000) / rate if rate > 0 else 0.0
         async with c:
             while (t0 := time.perf_counter()) < t_end:
+                if rate > 0:
+                    if due > t0:
+                        await asyncio.sleep(due - t0)
+                    t0, due = due, due + 1.0 / rate
+                    if t0 >= t_end:
+                        break
                 try:
                     r = await request(c)
                     status: int | None = r.status_code
@@ -248,7 +262,8 @@ async def run_phase(url: str, key: str, request: Request, clients: int, duration
     n = len(lat)
     non2xx = sum(v for s, v in statuses.items() if not 200 <= s < 300)
     out: dict[str, Any] = {"requests": n + sum(failures.values()), "answered": n,
-                           "throughput_rps": round(n / duration, 1)}
+                           "throughput_rps": round(n / duration, 1),
+                           "load": f"paced {rate:g} req/s per client" if rate > 0 else "closed loop"}
     if n:
         out.update(p50_ms=_pct(lat, 0.50), p90_ms=_pct(lat, 0.90), p99_ms=_pct(lat, 0.99),
                    max_ms=round(lat[-1] * 1000, 2), mean_ms=round(sum(lat) / n * 1000, 2))
@@ -611,7 +626,7 @@ def main() -> None:
                     continue
                 C.log(f"{phase}: {n} clients, {args.warmup:g} s warm-up + {args.duration:g} s ...")
                 r = runner.run(run_phase(url, key, req, n, args.duration, args.warmup, args.timeout,
-                                         server_pid))
+                                         server_pid, args.rate))
                 r["settle_s"] = settle
                 results[n][phase] = r
                 errs = r["errors"]["non_2xx"] + r["errors"]["transport"]
@@ -662,6 +677,7 @@ def main() -> None:
         "setup": {k: v for k, v in st.items() if not k.endswith("_key")},
         "enqueued_jobs": len(job_ids),
         "config": {
+            "load": f"paced {args.rate:g} req/s per client" if args.rate > 0 else "closed loop",
             "clients": args.levels, "duration_s": args.duration, "warmup_s": args.warmup,
             "url": url, "embedded": server is not None,
             "database": _kind(server.database_url if server else args.database_url,
