@@ -79,6 +79,9 @@ def parse_args() -> argparse.Namespace:
                    help="requests/s per client on a fixed schedule (latency from the scheduled time); "
                         "0 = closed loop, each client back to back (default)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
+    p.add_argument("--memory-jobs", type=int, default=0,
+                   help="then run this many jobs through the (embedded) worker and report the API's "
+                        "and the worker's resident memory along the way (e.g. 500)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one request may take")
     p.add_argument("--seed", type=int, default=None,
                    help="first seed of this run's generations (default: random, so every request "
@@ -306,6 +309,74 @@ def load_requests(setup: dict[str, Any], seeds: itertools.count[int], steps: int
 
 
 # ---------------------------------------------------------------------------------- setup
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return round(total / 1024, 1)
+
+
+def memory_phase(url: str, operator_key: str, server: Any, jobs: int, seed0: int) -> dict[str, Any]:
+    """Run ``jobs`` real jobs through the worker and sample the resident memory of the API and of
+    the worker's processes (master and pool children) along the way."""
+    def worker_pids() -> list[int]:
+        return [p for g in server.worker_pgids for p in _group_pids(g)]
+
+    api_pid = server.proc.pid
+    samples: list[dict[str, Any]] = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {operator_key}"}, timeout=30) as c:
+        ids = []
+        for i in range(jobs):
+            r = c.post("/generate", json={"seeds": [seed0 + i], "steps": 2})
+            ids.append(_expect(r, 202, "POST /generate (memory phase)")["job_id"])
+        done_marks = {round(jobs * q) for q in (0.0, 0.25, 0.5, 0.75, 1.0)}
+        t0 = time.monotonic()
+        remaining = list(ids)
+        while True:
+            # Jobs finish roughly in order: look at the oldest 50 unfinished ones.
+            remaining = [j for j in remaining[:50] if c.get(f"/jobs/{j}").json()["status"]
+                         in ("queued", "running")] + remaining[50:]
+            finished = jobs - len(remaining)
+            mark = max((m for m in done_marks if m <= finished), default=0)
+            if mark in done_marks:
+                done_marks.discard(mark)
+                samples.append({"jobs_done": finished, "api_rss_mb": _rss_mb([api_pid]),
+                                "worker_rss_mb": _rss_mb(worker_pids()),
+                                "t_s": round(time.monotonic() - t0, 1)})
+            if not remaining:
+                break
+            if time.monotonic() - t0 > 900:
+                raise RuntimeError(f"memory phase: {len(remaining)} of {jobs} jobs unfinished after 900 s")
+            time.sleep(0.5)
+        failed = sum(1 for j in ids if c.get(f"/jobs/{j}").json()["status"] != "succeeded")
+    ref = samples[1] if len(samples) > 2 else samples[0]  # after warm-up (imports, caches)
+    last = samples[-1]
+
+    def growth(k: str) -> float:
+        return round(100.0 * (last[k] - ref[k]) / ref[k], 1) if ref[k] else 0.0
+
+    return {"jobs": jobs, "failed": failed, "samples": samples,
+            "api_growth_pct": growth("api_rss_mb"), "worker_growth_pct": growth("worker_rss_mb"),
+            "note": "growth from the second sample (after warm-up) to the end"}
+
+
+def _group_pids(pgid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getpgid(int(d.name)) == pgid:
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
 def _wait_job(c: httpx.Client, job_id: str, timeout: float) -> dict[str, Any]:
     end = time.monotonic() + timeout
     while True:
@@ -592,6 +663,7 @@ def main() -> None:
     loadavg_start = C._loadavg()
     server = None if args.url else Embedded(args)
     job_ids: list[str] = []
+    memory: dict[str, Any] | None = None
     try:
         if server is not None:
             server.start()
@@ -634,6 +706,13 @@ def main() -> None:
                       f"{r['throughput_rps']} req/s, errors {errs}"
                       f"; cpu client {r.get('client_cpu_share')} server {r.get('server_cpu_share')} "
                       f"other {r.get('other_cpu_share')}")
+        if server is not None and args.memory_jobs > 0:
+            C.log(f"memory: {args.memory_jobs} jobs through the worker ...")
+            server._fail_jobs(job_ids)  # the enqueue phase's backlog: skipped, not run
+            server.signal_worker(signal.SIGCONT)
+            memory = memory_phase(url, op_key, server, args.memory_jobs, seed0 + 10_000_000)
+            C.log(f"  api rss {[m['api_rss_mb'] for m in memory['samples']]} MB, worker rss "
+                  f"{[m['worker_rss_mb'] for m in memory['samples']]} MB")
     finally:
         if server is not None:
             t0 = time.perf_counter()
@@ -676,6 +755,7 @@ def main() -> None:
         "skipped": skipped,
         "setup": {k: v for k, v in st.items() if not k.endswith("_key")},
         "enqueued_jobs": len(job_ids),
+        "memory": memory,
         "config": {
             "load": f"paced {args.rate:g} req/s per client" if args.rate > 0 else "closed loop",
             "clients": args.levels, "duration_s": args.duration, "warmup_s": args.warmup,
