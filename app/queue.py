@@ -25,7 +25,9 @@ def make_celery(settings: Settings) -> Celery:
         # The filesystem transport deletes a message when it is read (no redelivery): a job
         # whose worker died is re-sent by the API's reaper instead.
         transport = {"data_folder_in": str(folder), "data_folder_out": str(folder),
-                     "control_folder": str(folder / "control")}
+                     "control_folder": str(folder / "control"),
+                     # kombu polls the folder (default every 1 s: up to a second per job).
+                     "polling_interval": 0.1}
     elif settings.broker_url.startswith(("redis", "rediss")):
         transport = {
             # An unacknowledged message comes back only after this; the API's reaper re-sends

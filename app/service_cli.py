@@ -16,6 +16,7 @@ filesystem broker under ./data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -252,7 +253,8 @@ def cmd_demo_setup(args: argparse.Namespace) -> None:
         ns = build_parser().parse_args(train_args)
         if not ckpt.exists() or (ckpt.exists() and _unfinished(ckpt, args)):
             _log(f"training the default ensemble into {ckpt} (progress below; Ctrl-C keeps progress) ...")
-            ns.func(ns)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is for this command's own output
+                ns.func(ns)
         do_register(settings, ckpt, f"digits-{args.preset}")
     if "operator" not in saved:
         with db.session() as s:
