@@ -20,7 +20,7 @@ from models.sampler import make_tape, sample
 from models.train import TrainConfig, train
 from tests.conftest import TinyData
 
-STEPS = 8
+STEPS = 5
 
 
 def _exact(ens: Ensemble, tape_seed: int, source: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ def class_ensemble() -> tuple[Ensemble, torch.Tensor]:
     assert ds.labels is not None
     book = make_codebook(ds.N, 8, 4, seed=0, granularity="class", labels=ds.labels)
     ens = Ensemble.create(PRESETS["tiny"], book, DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape), 0)
-    train(ens, ds.to_tensor(), TrainConfig(15, 8, 2e-3, seed=0))
+    train(ens, ds.to_tensor(), TrainConfig(8, 8, 2e-3, seed=0))
     return ens.for_inference(), ds.to_tensor()
 
 
