@@ -338,9 +338,10 @@ def memory_phase(url: str, operator_key: str, server: Any, jobs: int, seed0: int
         t0 = time.monotonic()
         remaining = list(ids)
         while True:
-            # Jobs finish roughly in order: look at the oldest 50 unfinished ones.
-            remaining = [j for j in remaining[:50] if c.get(f"/jobs/{j}").json()["status"]
-                         in ("queued", "running")] + remaining[50:]
+            # Jobs finish roughly in order: drop the finished ones from the front (few requests,
+            # so that polling does not slow the worker down).
+            while remaining and c.get(f"/jobs/{remaining[0]}").json()["status"] not in ("queued", "running"):
+                remaining.pop(0)
             finished = jobs - len(remaining)
             mark = max((m for m in done_marks if m <= finished), default=0)
             if mark in done_marks:
