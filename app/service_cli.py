@@ -44,6 +44,13 @@ def _db(settings: Settings) -> Database:
     return Database(settings.database_url)
 
 
+def _schema_db(settings: Settings) -> Database:
+    """The configured database, refusing one that has not been migrated yet."""
+    db = _db(settings)
+    _need_schema(db)
+    return db
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -107,8 +114,7 @@ def do_import(settings: Settings, data: str, subset: int | None, subset_seed: in
 
     ds = _load_data(data, subset, subset_seed)
     owners = owners_fn(ds)
-    db = _db(settings)
-    _need_schema(db)
+    db = _schema_db(settings)
     keys: list[tuple[str, str]] = []
     with db.session() as s:
         before = set(s.scalars(select(Owner.name)))
@@ -142,8 +148,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------- owners, keys
 def cmd_owner_add(args: argparse.Namespace) -> None:
-    db = _db(get_settings())
-    _need_schema(db)
+    db = _schema_db(get_settings())
     with db.session() as s:
         try:
             owner, created = get_or_create_owner(s, args.name)
@@ -159,8 +164,7 @@ def cmd_owner_add(args: argparse.Namespace) -> None:
 
 
 def cmd_key_create(args: argparse.Namespace) -> None:
-    db = _db(get_settings())
-    _need_schema(db)
+    db = _schema_db(get_settings())
     with db.session() as s:
         owner = None
         if args.owner:
@@ -175,8 +179,7 @@ def cmd_key_create(args: argparse.Namespace) -> None:
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> None:
-    db = _db(get_settings())
-    _need_schema(db)
+    db = _schema_db(get_settings())
     with db.session() as s:
         if not revoke_key(s, args.prefix):
             raise ServiceError(f"no key with prefix {args.prefix!r}")
@@ -184,8 +187,7 @@ def cmd_key_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_key_list(args: argparse.Namespace) -> None:
-    db = _db(get_settings())
-    _need_schema(db)
+    db = _schema_db(get_settings())
     with db.session() as s:
         rows = s.execute(select(ApiKey.prefix, Owner.name, ApiKey.name, ApiKey.created_at, ApiKey.revoked_at)
                          .outerjoin(Owner, Owner.id == ApiKey.owner_id).order_by(ApiKey.id)).all()
@@ -204,8 +206,7 @@ def do_register(settings: Settings, ckpt: Path, name: str | None) -> EnsembleRow
         ens = Ensemble.load(ckpt)
     except (FileNotFoundError, ValueError) as exc:
         raise ServiceError(str(exc)) from exc
-    db = _db(settings)
-    _need_schema(db)
+    db = _schema_db(settings)
     with db.session() as s:
         try:
             row = register_ensemble(s, ens, ckpt, name or ckpt.stem)

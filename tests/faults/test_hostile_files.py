@@ -58,6 +58,19 @@ CASES = {
 }
 
 
+def import_folder(folder: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """`attrib import --data FOLDER` into a freshly migrated database; its exit status."""
+    from app.settings import get_settings
+
+    migrate.upgrade(url)
+    monkeypatch.setenv("ATTRIB_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        return main(["import", "--data", str(folder)])
+    finally:
+        get_settings.cache_clear()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_image_in_a_folder_is_a_clear_error_and_nothing_is_written(
         case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -70,15 +83,7 @@ def test_bad_image_in_a_folder_is_a_clear_error_and_nothing_is_written(
     bad = folder / "a" / "9-bad.png"
     bad.write_bytes(make())
     url = f"sqlite:///{tmp_path / 'attrib.db'}"
-    migrate.upgrade(url)
-    monkeypatch.setenv("ATTRIB_DATABASE_URL", url)
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        assert main(["import", "--data", str(folder)]) == 2
-    finally:
-        get_settings.cache_clear()
+    assert import_folder(folder, url, monkeypatch) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and needle in err, err
     assert len(err.strip().splitlines()) == 1  # one clear line, no traceback
@@ -98,15 +103,7 @@ def test_the_same_folder_without_the_bad_file_imports(tmp_path: Path,
         (folder / "a" / f"{i}.png").write_bytes(png(8, 8, 10 * i))
         (folder / "b" / f"{i}.jpg").write_bytes(png(8, 8, 100 + i))  # PNG bytes, .jpg name: allowed
     url = f"sqlite:///{tmp_path / 'attrib.db'}"
-    migrate.upgrade(url)
-    monkeypatch.setenv("ATTRIB_DATABASE_URL", url)
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        assert main(["import", "--data", str(folder)]) == 0
-    finally:
-        get_settings.cache_clear()
+    assert import_folder(folder, url, monkeypatch) == 0
     engine = create_engine(url)
     with engine.connect() as c:
         assert c.execute(select(func.count()).select_from(TrainingItem)).scalar() == 6
