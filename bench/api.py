@@ -1,7 +1,8 @@
 """HTTP API under load on loopback: enqueue, ranking and influence latency at N concurrent clients.
 
-Closed loop by default: each of --clients clients (one httpx.AsyncClient, one HTTP/1.1
-keep-alive connection each, all on one uvloop event loop) sends requests back to back for
+Closed loop by default: each of --clients clients (one HTTP/1.1 keep-alive connection each, all
+on one uvloop event loop; --client raw, the default, sends pre-built requests over asyncio
+streams, --client httpx uses httpx.AsyncClient) sends requests back to back for
 --duration seconds after --warmup seconds that are not counted; then mean latency is
 clients / throughput, so it measures saturation. --rate R paces each client at R requests/s
 instead (latency counted from the scheduled send time). Phases:
@@ -54,7 +55,7 @@ from typing import Any
 import _common as C
 import httpx
 
-TARGETS_MS = {"enqueue_p99_ms": 50.0, "ranking_p99_ms": 30.0}
+TARGETS_MS = {"enqueue_p99_ms": 50.0, "ranking_p99_ms": 30.0, "influence_p99_ms": 50.0}
 TOP_K = 100
 PHASES = ("ranking", "influence", "enqueue")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -78,6 +79,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=0.0,
                    help="requests/s per client on a fixed schedule (latency from the scheduled time); "
                         "0 = closed loop, each client back to back (default)")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="load generator: raw = pre-built requests over asyncio streams (~0.1 ms of "
+                        "client CPU per request, so the server is what is measured); httpx = "
+                        "httpx.AsyncClient (~0.8-1 ms, the client then bounds the throughput here)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     p.add_argument("--memory-jobs", type=int, default=0,
                    help="then run this many jobs through the (embedded) worker and report the API's "
@@ -209,11 +214,120 @@ def _pct(sorted_s: list[float], q: float) -> float:
     return round(sorted_s[i] * 1000, 2)
 
 
-Request = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+class RawResponse:
+    """What the phases read of an answer: status and body."""
+
+    __slots__ = ("content", "status_code")
+
+    def __init__(self, status_code: int, content: bytes) -> None:
+        self.status_code, self.content = status_code, content
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class RawError(Exception):
+    """A transport failure of RawClient (connection lost, malformed answer, timeout)."""
+
+
+class RawClient:
+    """One HTTP/1.1 keep-alive connection over asyncio streams, sending pre-built requests: the
+    load generator's side costs ~0.1 ms of CPU per request (httpx: ~0.8-1 ms), so on a machine
+    that client and server share, the bench measures the server (the role wrk plays in C).
+    Answers with Content-Length or chunked bodies; reconnects after ``Connection: close``."""
+
+    def __init__(self, url: str, headers: dict[str, str], timeout: float) -> None:
+        u = httpx.URL(url)
+        if u.scheme != "http":
+            raise SystemExit(f"--client raw speaks plain http://, not {u.scheme}:// (use --client httpx)")
+        self.host, self.port, self.timeout = u.host, u.port or 80, timeout
+        self.base = u.raw_path.rstrip(b"/").decode()
+        all_headers = {"Host": f"{self.host}:{self.port}", **headers}
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in all_headers.items())
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._built: dict[tuple[str, str, bytes, tuple[tuple[str, str], ...]], bytes] = {}
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()
+            self._conn = None
+
+    def _build(self, method: str, path: str, body: bytes, headers: dict[str, str] | None) -> bytes:
+        key = (method, path, body, tuple((headers or {}).items()))
+        req = self._built.get(key)
+        if req is None:
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            length = f"Content-Length: {len(body)}\r\n" if body or method != "GET" else ""
+            req = f"{method} {self.base}{path} HTTP/1.1\r\n{self.head}{extra}{length}\r\n".encode() + body
+            if len(self._built) < 64:  # GETs repeat; each POST body is new
+                self._built[key] = req
+        return req
+
+    async def get(self, path: str) -> RawResponse:
+        return await self.request("GET", path)
+
+    async def post(self, path: str, content: bytes = b"",
+                   headers: dict[str, str] | None = None) -> RawResponse:
+        return await self.request("POST", path, content, headers)
+
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      headers: dict[str, str] | None = None) -> RawResponse:
+        req = self._build(method, path, body, headers)
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self._conn is None:
+                    self._conn = await asyncio.open_connection(self.host, self.port)
+                reader, writer = self._conn
+                writer.write(req)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                lower = head.lower()
+                close = b"\r\nconnection: close" in lower
+                i = lower.find(b"\r\ncontent-length:")
+                if i >= 0:
+                    content = await reader.readexactly(int(lower[i + 17 : lower.index(b"\r\n", i + 2)]))
+                elif b"\r\ntransfer-encoding: chunked" in lower:
+                    parts = []
+                    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                        parts.append((await reader.readexactly(size + 2))[:-2])
+                    await reader.readuntil(b"\r\n")  # the empty trailer
+                    content = b"".join(parts)
+                else:
+                    content, close = await reader.read(), True
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                TimeoutError) as exc:
+            self._close()
+            raise RawError(f"{type(exc).__name__}: {exc}") from exc
+        if close:
+            self._close()
+        return RawResponse(status, content)
+
+
+Client = RawClient | httpx.AsyncClient
+Request = Callable[[Any], Awaitable[Any]]
+
+
+def make_clients(kind: str, url: str, key: str, clients: int, timeout: float) -> list[Client]:
+    headers = {"Authorization": f"Bearer {key}"}
+    if kind == "raw":
+        return [RawClient(url, headers, timeout) for _ in range(clients)]
+    # Clients are made before the clock starts: each AsyncClient would otherwise build its own
+    # TLS context (tens of ms of CPU, even for http://), which at 128 clients eats the warm-up.
+    tls = ssl.create_default_context()
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return [httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout, http1=True,
+                              http2=False, verify=tls) for _ in range(clients)]
 
 
 async def run_phase(url: str, key: str, request: Request, clients: int, duration: float, warmup: float,
-                    timeout: float, server_pid: int | None, rate: float = 0.0) -> dict[str, Any]:
+                    timeout: float, server_pid: int | None, rate: float = 0.0,
+                    client_kind: str = "raw") -> dict[str, Any]:
     """rate > 0: each client sends on a fixed schedule of ``rate`` requests/s (random phase) and
     latency counts from the scheduled time (no coordinated omission); 0: closed loop."""
     lat: list[float] = []
@@ -221,16 +335,11 @@ async def run_phase(url: str, key: str, request: Request, clients: int, duration
     failures: Counter[str] = Counter()
     every: Counter[str] = Counter()  # all requests of the phase, warm-up and drain included
     snaps: dict[str, dict[str, float | None]] = {}
-    # Clients are made before the clock starts: each AsyncClient would otherwise build its own
-    # TLS context (tens of ms of CPU, even for http://), which at 128 clients eats the warm-up.
-    tls = ssl.create_default_context()
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    pool = [httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
-                              timeout=timeout, http1=True, http2=False, verify=tls) for _ in range(clients)]
+    pool = make_clients(client_kind, url, key, clients, timeout)
     start = time.perf_counter()
     t_measure, t_end = start + warmup, start + warmup + duration
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client(c: Client) -> None:
         due = start + (secrets.randbelow(1_000_000) / 1_000_000) / rate if rate > 0 else 0.0
         async with c:
             while (t0 := time.perf_counter()) < t_end:
@@ -244,7 +353,7 @@ async def run_phase(url: str, key: str, request: Request, clients: int, duration
                     r = await request(c)
                     status: int | None = r.status_code
                     every[str(r.status_code)] += 1
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, RawError) as exc:
                     status = None
                     every[type(exc).__name__] += 1
                     if t0 >= t_measure:
@@ -286,14 +395,14 @@ def load_requests(setup: dict[str, Any], seeds: itertools.count[int], steps: int
     aid = setup["attribution_id"]
     json_type = {"Content-Type": "application/json"}
 
-    async def enqueue(c: httpx.AsyncClient) -> httpx.Response:
+    async def enqueue(c: Client) -> Any:
         r = await c.post("/generate", content=b'{"seeds": [%d], "steps": %d}' % (next(seeds), steps),
                          headers=json_type)
         if r.status_code == 202:
             job_ids.append(r.json()["job_id"])
         return r
 
-    def ranking(c: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+    def ranking(c: Client) -> Awaitable[Any]:
         return c.get(f"/attributions/{aid}")
 
     out: dict[str, tuple[str, Request]] = {"enqueue": (setup["operator_key"], enqueue),
@@ -301,7 +410,7 @@ def load_requests(setup: dict[str, Any], seeds: itertools.count[int], steps: int
     if setup.get("work_id") is not None:
         wid = setup["work_id"]
 
-        def influence(c: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        def influence(c: Client) -> Awaitable[Any]:
             return c.get(f"/works/{wid}/influence")
 
         out["influence"] = (setup["owner_key"], influence)
@@ -699,7 +808,7 @@ def main() -> None:
                     continue
                 C.log(f"{phase}: {n} clients, {args.warmup:g} s warm-up + {args.duration:g} s ...")
                 r = runner.run(run_phase(url, key, req, n, args.duration, args.warmup, args.timeout,
-                                         server_pid, args.rate))
+                                         server_pid, args.rate, args.client))
                 r["settle_s"] = settle
                 results[n][phase] = r
                 errs = r["errors"]["non_2xx"] + r["errors"]["transport"]
@@ -770,8 +879,9 @@ def main() -> None:
             "setup_steps": args.setup_steps,
             "enqueue_steps": args.enqueue_steps,
             "server_env": (["ATTRIB_RATE_LIMIT_PER_MINUTE=0", *args.server_env] if server else []),
-            "client": f"httpx {httpx.__version__} AsyncClient, 1 HTTP/1.1 keep-alive connection per "
-                      f"client, one {loop_name} event loop",
+            "client": (("RawClient (asyncio streams)" if args.client == "raw"
+                        else f"httpx {httpx.__version__} AsyncClient")
+                       + f", 1 HTTP/1.1 keep-alive connection per client, one {loop_name} event loop"),
             "times_s": server.times if server else {},
             "cpu_count": os.cpu_count(),
             "loadavg_start": loadavg_start,
