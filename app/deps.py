@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
@@ -18,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal, authenticate, hash_key
 from app.db import MAX_SESSIONS, Database
 from app.settings import Settings
+from app.writer import Writer
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: <API key>")
@@ -42,15 +42,8 @@ def get_session(request: Request) -> Iterator[Session]:
         yield s
 
 
-async def write_gate(request: Request) -> AsyncIterator[None]:
-    """SQLite has one writer: queue this process's writing requests here (in the event loop, no
-    thread held) instead of in SQLite's busy handler, which sleeps up to 100 ms per retry."""
-    lock: asyncio.Lock | None = request.app.state.write_lock
-    if lock is None:
-        yield
-        return
-    async with lock:
-        yield
+async def get_writer(request: Request) -> Writer:
+    return request.app.state.writer  # type: ignore[no-any-return]
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -58,7 +51,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 # session ends with the handler, before the response is sent. The connection pool is larger
 # (app.db), so a thread never waits for a connection that a thread-less request holds.
 SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=MAX_SESSIONS)]
-WriteGateDep = Annotated[None, Depends(write_gate, scope="function")]
+WriterDep = Annotated[Writer, Depends(get_writer)]
 DatabaseDep = Annotated[Database, Depends(get_db)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database
@@ -27,24 +27,34 @@ log = logging.getLogger(__name__)
 
 
 def new_job(s: Session, kind: str, payload: dict[str, Any], *, batch_id: int | None = None,
-            idempotency_key: str | None = None) -> Job:
-    job = Job(id=str(uuid.uuid4()), kind=kind, status="queued", payload=payload, batch_id=batch_id,
-              idempotency_key=idempotency_key, enqueued_at=utcnow())
-    s.add(job)
-    return job
+            idempotency_key: str | None = None, done: dict[str, Any] | None = None) -> str:
+    """Insert a queued job (or, with ``done``, one already succeeded with that result) in the
+    caller's transaction; returns its id. An ``idempotency_key`` in use raises IntegrityError."""
+    now = utcnow()
+    values: dict[str, Any] = dict(id=str(uuid.uuid4()), kind=kind, status="queued", payload=payload,
+                                  batch_id=batch_id, idempotency_key=idempotency_key, created_at=now,
+                                  updated_at=now, enqueued_at=now)
+    if done is not None:
+        values.update(status="succeeded", progress=1.0, result=done, finished_at=now)
+    s.connection().execute(_INSERT_JOB, values)
+    return str(values["id"])
+
+
+_INSERT_JOB = insert(Job.__table__)  # Core, compiled once (the ORM's insert compiles per call)
 
 
 def enqueue(celery: Celery, job_ids: list[str]) -> int:
     """Publish job ids (after their rows are committed); returns how many were sent. A failure
     leaves the jobs queued: the reaper re-sends them after ``requeue_after_s``."""
     sent = 0
-    for jid in job_ids:
-        try:
-            publish(celery, jid)
-        except Exception as exc:  # broker down: the job is safe in the database
-            log.warning("could not publish job %s (%s); the reaper will re-send it", jid, exc)
-            break
-        sent += 1
+    try:
+        with celery.producer_or_acquire() as producer:  # one producer for all of them
+            for jid in job_ids:
+                publish(celery, jid, producer)
+                sent += 1
+    except Exception as exc:  # broker down: the jobs are safe in the database
+        log.warning("could not publish %d job(s), from %s (%s); the reaper will re-send them",
+                    len(job_ids) - sent, job_ids[sent] if sent < len(job_ids) else "-", exc)
     return sent
 
 

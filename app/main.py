@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import threading
@@ -33,6 +32,7 @@ from app.orm import Job
 from app.queue import make_celery
 from app.routes import operator, works
 from app.settings import Settings, get_settings
+from app.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ class Metrics:
                           registry=self.registry)
         self.requeued = Counter("attrib_jobs_resent_total", "lost jobs re-sent by the reaper",
                                 registry=self.registry)
+        self.writes = Gauge("attrib_writes", "writing requests committed by this process, and the "
+                            "transactions that carried them (group commit)", ["what"], registry=self.registry)
 
 
 def _reaper(app: FastAPI, stop: threading.Event) -> None:
@@ -220,7 +222,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     app.state.ranking_cache = operator.RankingCache()
-    app.state.write_lock = asyncio.Lock() if settings.embedded_db else None
+    app.state.writer = Writer(app.state.db, app.state.celery)
     app.state.metrics = metrics = Metrics()
 
 
@@ -271,6 +273,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
                 metrics.jobs.labels(kind, status).set(n)
         except Exception as exc:  # metrics must answer while the database is down
             log.warning("metrics: %s", exc)
+        metrics.writes.labels("requests").set(app.state.writer.requests)
+        metrics.writes.labels("transactions").set(app.state.writer.transactions)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(Measure, metrics=metrics)

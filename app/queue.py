@@ -56,8 +56,8 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def publish(celery: Celery, job_id: str) -> None:
+def publish(celery: Celery, job_id: str, producer: Any = None) -> None:
     """Send one job id to the queue (raises on broker failure; the reaper retries later)."""
-    celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE,
+    celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE, producer=producer,
                      retry=True, retry_policy={"max_retries": 2, "interval_start": 0,
                                                "interval_step": 0.2, "interval_max": 0.5})

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -19,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.db import Database
-from app.deps import CeleryDep, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriteGateDep
+from app.deps import CeleryDep, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
 from app.orm import (
     Attribution,
     AttributionEntry,
@@ -50,6 +52,7 @@ from app.schemas import (
     JobPublic,
 )
 from app.settings import Settings
+from app.writer import Tx
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorPublic, "description": "missing, invalid or revoked API key"},
@@ -84,10 +87,13 @@ def png_response(png: bytes, scale: int = 1) -> Response:
                     headers={"Cache-Control": "private, max-age=86400"})
 
 
-def _ensemble(s: Session, ensemble_id: int | None) -> EnsembleRow:
+def _ensemble(tx: Tx, ensemble_id: int | None) -> EnsembleRow:
+    s = tx.s
     if ensemble_id is None:
-        row = s.scalar(select(EnsembleRow).where(EnsembleRow.status == "ready")
-                       .order_by(EnsembleRow.id.desc()))
+        row = tx.memo.get("default ensemble")
+        if row is None:
+            row = tx.memo["default ensemble"] = s.scalar(
+                select(EnsembleRow).where(EnsembleRow.status == "ready").order_by(EnsembleRow.id.desc()))
         if row is None:
             raise HTTPException(404, "no ready ensemble: train and register one (attrib service register)")
         return row
@@ -111,31 +117,39 @@ def _chunks(xs: list[Any], size: int = 500) -> list[list[Any]]:
     return [xs[i : i + size] for i in range(0, len(xs), size)]
 
 
+def _insert(s: Session) -> Any:
+    return pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
 def _insert_ignore(s: Session, table: Any, rows: list[dict[str, Any]]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING (rows created concurrently are simply kept)."""
-    dialect = s.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    insert = _insert(s)
     for part in _chunks(rows):
         s.execute(insert(table).values(part).on_conflict_do_nothing())
 
 
-def _generations(s: Session, ensemble_id: int, seeds: list[int], steps: int) -> list[Generation]:
-    """Get or create one generation per seed (a sample is determined by ensemble, seed, steps)."""
-    def load() -> dict[int, Generation]:
-        return {g.seed: g for part in _chunks(seeds) for g in s.scalars(select(Generation).where(
-            Generation.ensemble_id == ensemble_id, Generation.steps == steps, Generation.seed.in_(part)))}
+_GENERATION_REF = (Generation.id, Generation.seed, Generation.status)
+_NEW_GENERATIONS = {name: ins(Generation.__table__).on_conflict_do_nothing().returning(*_GENERATION_REF)
+                    for name, ins in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
 
-    have = load()
-    missing = [sd for sd in seeds if sd not in have]
-    if missing:
-        now = utcnow()
-        _insert_ignore(s, Generation, [dict(ensemble_id=ensemble_id, seed=sd, steps=steps, status="pending",
-                                            created_at=now) for sd in missing])
-        have = load()
+
+def _generations(s: Session, ensemble_id: int, seeds: list[int], steps: int) -> list[Row[Any]]:
+    """Get or create one generation per seed (a sample is determined by ensemble, seed, steps):
+    its (id, seed, status), in the order of ``seeds``. New ones come back from the INSERT itself;
+    only those that existed are read apart."""
+    c, now = s.connection(), utcnow()
+    have: dict[int, Row[Any]] = {}
+    for part in _chunks(list(dict.fromkeys(seeds))):
+        new = [dict(ensemble_id=ensemble_id, seed=sd, steps=steps, status="pending", created_at=now)
+               for sd in part]
+        have.update((r.seed, r) for r in c.execute(_NEW_GENERATIONS[c.dialect.name], new))
+    for part in _chunks([sd for sd in seeds if sd not in have]):
+        have.update((r.seed, r) for r in c.execute(select(*_GENERATION_REF).where(
+            Generation.ensemble_id == ensemble_id, Generation.steps == steps, Generation.seed.in_(part))))
     return [have[sd] for sd in seeds]
 
 
-def _attributions(s: Session, gens: list[Generation], opt: AttributeOptions,
+def _attributions(s: Session, gens: list[Row[Any]] | list[Generation], opt: AttributeOptions,
                   settings: Settings) -> list[tuple[Attribution, bool]]:
     """Get or create one attribution per generation with these options; (row, needs a job).
 
@@ -180,38 +194,43 @@ def _replay(s: Session, key: str | None, kind: str) -> Job | None:
 
 @router.post("/generate", status_code=202, response_model=GenerateAccepted,
              summary="Sample images (asynchronously)")
-def generate(body: GenerateCreate, _: LimitedOperatorDep, _gate: WriteGateDep, s: SessionDep,
-             celery: CeleryDep,
-             settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> GenerateAccepted:
+async def generate(body: GenerateCreate, _: LimitedOperatorDep, writer: WriterDep, settings: SettingsDep,
+                   idempotency_key: IdempotencyKey = None) -> GenerateAccepted:
     """Creates one generation per seed and a job that samples them. Poll `GET /jobs/{job_id}`;
     the same (ensemble, seed, steps) always gives the same generation and the same bytes."""
     limit("max_seeds_per_request", body.num_seeds(), settings, "number of seeds")
     seeds = body.seed_list()
+    return await writer.run(lambda tx: _generate(tx, body, seeds, settings, idempotency_key))
+
+
+def _generate(tx: Tx, body: GenerateCreate, seeds: list[int], settings: Settings,
+              idempotency_key: str | None) -> GenerateAccepted:
+    s = tx.s
     old = _replay(s, idempotency_key, "generate")
     if old is not None:
         return GenerateAccepted(job_id=old.id, **old.payload["response"])
-    ens = _ensemble(s, body.ensemble_id)
+    ens = _ensemble(tx, body.ensemble_id)
     steps = _steps(body.steps, ens, settings)
     gens = _generations(s, ens.id, seeds, steps)
     ids = [g.id for g in gens]
     resp = {"generation_ids": ids, "ensemble_id": ens.id, "steps": steps}
-    job = jobs.new_job(s, "generate", {"generation_ids": ids, "response": resp},
-                       idempotency_key=idempotency_key)
     pending = any(g.status != "done" for g in gens)
-    if not pending:  # everything already sampled: nothing to queue
-        job.status, job.progress, job.result = "succeeded", 1.0, {"generation_ids": ids, "sampled": 0}
-        job.finished_at = job.created_at
-    _commit_once(s, idempotency_key)
+    # Everything already sampled: a job that has succeeded, nothing to queue.
+    done = None if pending else {"generation_ids": ids, "sampled": 0}
+    with _key_in_use(idempotency_key):
+        job_id = jobs.new_job(s, "generate", {"generation_ids": ids, "response": resp},
+                              idempotency_key=idempotency_key, done=done)
     if pending:
-        jobs.enqueue(celery, [job.id])
-    return GenerateAccepted(job_id=job.id, **resp)
+        tx.publish.append(job_id)
+    return GenerateAccepted(job_id=job_id, **resp)
 
 
-def _commit_once(s: Session, idempotency_key: str | None) -> None:
+@contextmanager
+def _key_in_use(idempotency_key: str | None) -> Iterator[None]:
+    """Around the insert of a job: its key taken meanwhile (by another process) is a 409."""
     try:
-        s.commit()
+        yield
     except IntegrityError as exc:
-        s.rollback()
         if idempotency_key is not None:
             raise HTTPException(409, f"a request with Idempotency-Key {idempotency_key!r} is being "
                                 "processed; retry to get its result") from exc
@@ -220,11 +239,16 @@ def _commit_once(s: Session, idempotency_key: str | None) -> None:
 
 @router.post("/attribute", status_code=202, response_model=AttributeAccepted,
              summary="Attribute a generation to its training works (asynchronously)")
-def attribute(body: AttributeCreate, _: LimitedOperatorDep, _gate: WriteGateDep, s: SessionDep,
-             celery: CeleryDep,
-              settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> AttributeAccepted:
+async def attribute(body: AttributeCreate, _: LimitedOperatorDep, writer: WriterDep, settings: SettingsDep,
+                    idempotency_key: IdempotencyKey = None) -> AttributeAccepted:
     """Ranks every training work by how much removing it would change the generation. The same
     request twice returns the same attribution (and its job, while it runs)."""
+    return await writer.run(lambda tx: _attribute(tx, body, settings, idempotency_key))
+
+
+def _attribute(tx: Tx, body: AttributeCreate, settings: Settings,
+               idempotency_key: str | None) -> AttributeAccepted:
+    s = tx.s
     old = _replay(s, idempotency_key, "attribute")
     if old is not None:
         return AttributeAccepted(job_id=old.id, attribution_id=int(old.payload["attribution_id"]))
@@ -233,13 +257,11 @@ def attribute(body: AttributeCreate, _: LimitedOperatorDep, _gate: WriteGateDep,
         raise HTTPException(404, f"generation {body.generation_id} not found")
     [(att, needs_job)] = _attributions(s, [gen], body, settings)
     if not needs_job and att.job_id is not None:
-        s.commit()
         return AttributeAccepted(job_id=att.job_id, attribution_id=att.id)
-    job = jobs.new_job(s, "attribute", {"attribution_id": att.id}, idempotency_key=idempotency_key)
-    att.job_id = job.id
-    _commit_once(s, idempotency_key)
-    jobs.enqueue(celery, [job.id])
-    return AttributeAccepted(job_id=job.id, attribution_id=att.id)
+    with _key_in_use(idempotency_key):
+        att.job_id = jobs.new_job(s, "attribute", {"attribution_id": att.id}, idempotency_key=idempotency_key)
+    tx.publish.append(att.job_id)
+    return AttributeAccepted(job_id=att.job_id, attribution_id=att.id)
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, summary="Status and progress of a job")
@@ -377,14 +399,23 @@ def get_counterfactual(attribution_id: PathId, item_id: PathId, _: OperatorDep, 
 
 @router.post("/batches", status_code=202, response_model=BatchAccepted,
              summary="Many seeds at once, optionally attributed")
-def create_batch(body: BatchCreate, _: LimitedOperatorDep, _gate: WriteGateDep, s: SessionDep,
-             celery: CeleryDep,
-                 settings: SettingsDep, background: BackgroundTasks,
-                 idempotency_key: IdempotencyKey = None) -> BatchAccepted:
+async def create_batch(body: BatchCreate, _: LimitedOperatorDep, writer: WriterDep, celery: CeleryDep,
+                       settings: SettingsDep, background: BackgroundTasks,
+                       idempotency_key: IdempotencyKey = None) -> BatchAccepted:
     """Samples every seed (and attributes each sample when `attribute` is given); follow
     `GET /batches/{batch_id}` for progress over the whole batch."""
     limit("max_batch_seeds", body.num_seeds(), settings, "number of seeds")
     seeds = body.seed_list()
+    out = await writer.run(lambda tx: _create_batch(tx, body, seeds, settings, idempotency_key))
+    # Publishing thousands of ids takes a while: after the response (the jobs are safe in the
+    # database; should this process die first, the reaper re-sends them).
+    background.add_task(jobs.enqueue, celery, out.job_ids)
+    return out
+
+
+def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Settings,
+                  idempotency_key: str | None) -> BatchAccepted:
+    s = tx.s
     if idempotency_key is not None:
         old = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
         if old is not None and old.batch_id is not None:
@@ -392,7 +423,7 @@ def create_batch(body: BatchCreate, _: LimitedOperatorDep, _gate: WriteGateDep, 
             b = s.get(Batch, old.batch_id)
             assert b is not None
             return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids)
-    ens = _ensemble(s, body.ensemble_id)
+    ens = _ensemble(tx, body.ensemble_id)
     steps = _steps(body.steps, ens, settings)
     opt = body.attribute
     batch = Batch(ensemble_id=ens.id, steps=steps, total=len(seeds),
@@ -400,27 +431,23 @@ def create_batch(body: BatchCreate, _: LimitedOperatorDep, _gate: WriteGateDep, 
     s.add(batch)
     s.flush()
     gens = _generations(s, ens.id, seeds, steps)
-    new_jobs: list[Job] = []
-    if opt is None:
-        pending = [g.id for g in gens if g.status != "done"]
-        step = settings.generate_chunk
-        for lo in range(0, len(pending), step):
-            new_jobs.append(jobs.new_job(s, "generate", {"generation_ids": pending[lo : lo + step]},
-                                         batch_id=batch.id))
-    else:
-        for att, needs in _attributions(s, gens, opt, settings):
-            if needs:  # an attribute job samples its generation itself when needed
-                j = jobs.new_job(s, "attribute", {"attribution_id": att.id}, batch_id=batch.id)
-                att.job_id = j.id
-                new_jobs.append(j)
-    if new_jobs and idempotency_key is not None:
-        new_jobs[0].idempotency_key = idempotency_key
     batch.generation_ids = [g.id for g in gens]
-    _commit_once(s, idempotency_key)
-    # Publishing thousands of ids takes a while: after the response (the jobs are safe in the
-    # database; should this process die first, the reaper re-sends them).
-    background.add_task(jobs.enqueue, celery, [j.id for j in new_jobs])
-    return BatchAccepted(batch_id=batch.id, total=len(seeds), job_ids=[j.id for j in new_jobs])
+    new_jobs: list[str] = []
+    key = idempotency_key  # carried by the batch's first job
+    with _key_in_use(idempotency_key):
+        if opt is None:
+            pending = [g.id for g in gens if g.status != "done"]
+            step = settings.generate_chunk
+            for lo in range(0, len(pending), step):
+                new_jobs.append(jobs.new_job(s, "generate", {"generation_ids": pending[lo : lo + step]},
+                                             batch_id=batch.id, idempotency_key=None if new_jobs else key))
+        else:
+            for att, needs in _attributions(s, gens, opt, settings):
+                if needs:  # an attribute job samples its generation itself when needed
+                    att.job_id = jobs.new_job(s, "attribute", {"attribution_id": att.id}, batch_id=batch.id,
+                                              idempotency_key=None if new_jobs else key)
+                    new_jobs.append(att.job_id)
+    return BatchAccepted(batch_id=batch.id, total=len(seeds), job_ids=new_jobs)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic, summary="Progress over a whole batch")

@@ -49,6 +49,7 @@ def test_health_ready_metrics_docs(svc: Service) -> None:
     m = c.get("/metrics")
     assert m.status_code == 200
     assert 'attrib_http_requests_total{method="GET",route="/healthz",status="200"}' in m.text
+    assert 'attrib_writes{what="transactions"} 0.0' in m.text
     assert c.get("/docs").status_code == 200
     spec = c.get("/openapi.json").json()
     paths = set(spec["paths"])
