@@ -289,6 +289,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
     os.execv(sys.executable, worker_command(args.concurrency, args.loglevel))
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -313,6 +317,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _log(f"try:\n  curl -s -X POST {url}/generate -H 'Authorization: Bearer {key}' "
          "-H 'Content-Type: application/json' -d '{\"seeds\": [0, 1]}'\n"
          f"  curl -s {url}/jobs/<job_id> -H 'Authorization: Bearer {key}'")
+    # uvicorn re-raises the SIGTERM it shut down on; with the default action the process would
+    # die on the spot and leave its worker running. As an exception, the worker is stopped below.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.loglevel,
                     access_log=args.access_log)

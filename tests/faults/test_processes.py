@@ -4,6 +4,7 @@ Each test is bounded in time; lost-job detection is tuned to seconds through set
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -218,3 +219,44 @@ def test_postgres_stopped_under_a_batch(stack: Stack) -> None:
                   f"({','.join(str(g) for g in b['generation_ids'])})")
     assert tuple(rows[0]) == (30, "done")
     assert st.sql("SELECT count(*) FROM generation WHERE status = 'done'")[0][0] >= max(done_before, 30)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def test_serve_stops_its_worker_on_sigterm(base_env: dict[str, str], tmp_path: Path) -> None:
+    """`attrib serve` (embedded) shut down by SIGTERM, as docker stop or systemd do: its worker
+    must not outlive it (uvicorn re-raises the signal after shutting down)."""
+    proc, _url = serve(base_env, tmp_path)
+    workers: list[int] = []
+
+    def worker_started() -> bool:
+        workers[:] = _children(proc.pid)
+        return bool(workers)
+
+    try:
+        wait_until(worker_started, 30, "attrib serve started no worker process")
+        os.kill(proc.pid, signal.SIGTERM)  # the serve process alone, not its group
+        assert proc.wait(timeout=40) == 128 + signal.SIGTERM
+        wait_until(lambda: not any(_alive(p) for p in workers), 30, f"worker {workers} outlived attrib serve")
+    finally:
+        stop([proc])
+        for pid in workers:  # what the failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
