@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -18,6 +19,8 @@ from app.auth import Principal, authenticate, hash_key
 from app.db import MAX_SESSIONS, Database
 from app.settings import Settings
 from app.writer import Writer
+
+T = TypeVar("T")
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: <API key>")
@@ -46,7 +49,30 @@ async def get_writer(request: Request) -> Writer:
     return request.app.state.writer  # type: ignore[no-any-return]
 
 
+class ReadPool:
+    """The hot read routes' database work (key lookups, rankings, influence lists) in at most
+    ``threads`` threads at once. With FastAPI's default (40) every waiting request gets a
+    thread, and 30-odd threads fight for the GIL: the influence list at 32 clients had a p99
+    several times its median (measured in bench/api.py; see README). One limiter per event loop."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        if self._limiter is None or self._loop is not loop:
+            self._limiter, self._loop = anyio.CapacityLimiter(self.threads), loop
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+async def get_reads(request: Request) -> ReadPool:
+    return request.app.state.reads  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+ReadsDep = Annotated[ReadPool, Depends(get_reads)]
 # At most MAX_SESSIONS requests hold a session at once (the rest wait without a thread), and the
 # session ends with the handler, before the response is sent. The connection pool is larger
 # (app.db), so a thread never waits for a connection that a thread-less request holds.
@@ -92,7 +118,7 @@ async def get_principal(
     cache: KeyCache = request.app.state.key_cache
     found, p = cache.get(key) if cache.ttl > 0 else (False, None)
     if not found:
-        p = await run_in_threadpool(_lookup, request.app.state.db, key, settings.operator_key)
+        p = await request.app.state.reads.run(_lookup, request.app.state.db, key, settings.operator_key)
         if cache.ttl > 0:
             cache.put(key, p)
     if p is None:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import jobs
 from app.db import Database
-from app.deps import KeyCache, RateLimiter
+from app.deps import KeyCache, RateLimiter, ReadPool
 from app.orm import Job
 from app.queue import make_celery
 from app.routes import operator, works
@@ -223,6 +223,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     app.state.ranking_cache = operator.RankingCache()
     app.state.writer = Writer(app.state.db, app.state.celery)
+    app.state.reads = ReadPool(settings.read_threads)
     app.state.metrics = metrics = Metrics()
 
 

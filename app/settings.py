@@ -25,6 +25,8 @@ class Settings(BaseSettings):
                             description="Celery broker; default filesystem:// under <data_dir>/broker")
     operator_key: str | None = Field(None, description="an operator API key accepted besides stored keys")
     auth_cache_s: float = Field(2.0, description="seconds a checked key is remembered (revocation delay)")
+    read_threads: int = Field(2, ge=1, description="threads that run the hot read routes' database work "
+                              "at once, per API process (more only contend for the GIL)")
 
     # Limits: a request past one gets a 4xx whose message names the setting.
     max_seeds_per_request: int = 64

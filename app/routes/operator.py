@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Path, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Row, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -327,7 +326,7 @@ async def get_attribution(attribution_id: PathId, _: OperatorDep, request: Reque
     cache: RankingCache = request.app.state.ranking_cache
     body = cache.get(attribution_id)
     if body is None:
-        body, final = await run_in_threadpool(_ranking_json, request.app.state.db, attribution_id)
+        body, final = await request.app.state.reads.run(_ranking_json, request.app.state.db, attribution_id)
         if final:
             cache.put(attribution_id, body)
     return Response(body, media_type="application/json")

@@ -1,9 +1,12 @@
-"""Group commit (app.writer): concurrent writing requests share transactions, and one request's
-failure leaves nothing of it behind while the others in its batch still commit."""
+"""Concurrency of the API process: group commit (app.writer) -- concurrent writing requests
+share transactions, and one request's failure leaves nothing of it behind while the others in
+its batch still commit -- and the bounded thread pool of the hot reads (app.deps.ReadPool)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from app.db import Database
+from app.deps import ReadPool
 from app.orm import Base, Generation, Job, Owner
 from app.queue import make_celery
 from app.settings import Settings
@@ -125,3 +129,26 @@ def test_writing_routes_answer_404_without_writing(svc: Service, path: str) -> N
     r = svc.client.post(path, json=body, headers=svc.op())
     assert r.status_code == 404, r.text
     assert counts() == before
+
+
+def test_read_pool_bounds_the_threads_and_returns_in_order() -> None:
+    pool = ReadPool(3)
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def read(i: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return i * i
+
+    async def go() -> list[int]:
+        return await asyncio.gather(*(pool.run(read, i) for i in range(12)))
+
+    assert asyncio.run(go()) == [i * i for i in range(12)]
+    assert most == 3
+    assert asyncio.run(go()) == [i * i for i in range(12)]  # a new event loop: a new limiter
