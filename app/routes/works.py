@@ -84,19 +84,27 @@ _INFLUENCE = (
     .join(Generation, Generation.id == Attribution.generation_id)
     .where(AttributionEntry.training_item_id == bindparam("work_id"), Attribution.status == "succeeded")
 )
-_INFLUENCE_PAGE = (_INFLUENCE.add_columns(func.count().over())  # the total, with the page
+# The page of the caller's own work (the owner is in the join) and the total in one statement.
+_INFLUENCE_PAGE = (_INFLUENCE.add_columns(func.count().over())
+                   .join(TrainingItem, TrainingItem.id == AttributionEntry.training_item_id)
+                   .where(TrainingItem.owner_id == bindparam("owner_id"))
                    .order_by(Attribution.id.desc()).offset(bindparam("offset")).limit(bindparam("limit")))
 _INFLUENCE_TOTAL = select(func.count()).select_from(_INFLUENCE.subquery())
 _OWNER_OF = select(TrainingItem.owner_id).where(TrainingItem.id == bindparam("work_id"))
 
 
 def _influence_json(db: Database, p: Principal, work_id: int, offset: int, limit_: int) -> bytes:
+    if p.owner_id is None:
+        raise HTTPException(404, f"work {work_id} not found")
     with db.engine.connect() as c:
-        if c.scalar(_OWNER_OF, {"work_id": work_id}) != p.owner_id or p.owner_id is None:
-            raise HTTPException(404, f"work {work_id} not found")
-        rows = c.execute(_INFLUENCE_PAGE, {"work_id": work_id, "offset": offset, "limit": limit_}).all()
-        # Past the last page there is no row to carry the total: count apart (rare).
-        total = rows[0][-1] if rows else (c.scalar(_INFLUENCE_TOTAL, {"work_id": work_id}) if offset else 0)
+        rows = c.execute(_INFLUENCE_PAGE, {"work_id": work_id, "owner_id": p.owner_id, "offset": offset,
+                                           "limit": limit_}).all()
+        if rows:
+            total = rows[0][-1]
+        else:  # another holder's work, none, or past the last page (no row carries the total)
+            if c.scalar(_OWNER_OF, {"work_id": work_id}) != p.owner_id:
+                raise HTTPException(404, f"work {work_id} not found")
+            total = c.scalar(_INFLUENCE_TOTAL, {"work_id": work_id}) if offset else 0
     base = f"/works/{work_id}/influence"
     items = [InfluencePublic(rank=r[0], score=r[1], exact_score=r[2], attribution_id=r[3], top_k=r[4],
                              method=r[5], metric=r[6], created_at=r[7] or r[8], generation_id=r[9],

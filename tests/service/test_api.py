@@ -437,8 +437,11 @@ def test_rights_holder_finds_the_generation_under_influence(svc: Service) -> Non
     # Another holder cannot reach this work's influence pictures, nor use their own work id to
     # reach an attribution that did not rank it.
     stranger = next(o for o in OWNERS if o != owner)
-    for path in (item["generation_url"], item["counterfactual_url"]):
+    influence = f"/works/{top['training_item_id']}/influence"
+    for path in (item["generation_url"], item["counterfactual_url"], influence):
         assert svc.client.get(path, headers=svc.owner(stranger)).status_code == 404
+    past = svc.client.get(f"{influence}?offset=3", headers=svc.owner(owner)).json()
+    assert (past["total"], past["items"], past["offset"]) == (1, [], 3)
     with svc.db.session() as s:
         own_unranked = s.scalar(select(TrainingItem.id).where(
             TrainingItem.owner_id == svc.owner_ids[stranger],
