@@ -18,6 +18,7 @@ the whole batch, each caller getting it (503).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -129,7 +130,8 @@ class Writer:
                     else:
                         s.rollback()
                 except BaseException as exc:
-                    s.rollback()
+                    with contextlib.suppress(Exception):  # the connection may be gone
+                        s.rollback()
                     if not _database_error(exc):
                         raise
                     log.warning("write batch of %d request(s) failed: %s", len(todo), exc)
