@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 MAX_SESSIONS = 32
@@ -19,8 +21,9 @@ def make_engine(url: str, **kw: Any) -> Engine:
     """An engine with the settings the service relies on.
 
     SQLite: WAL (readers never block the one writer), foreign keys on, a busy timeout so
-    concurrent writers wait instead of failing. PostgreSQL: pre-ping so a restarted server is
-    noticed, and short connect/statement timeouts so a lost database fails requests fast.
+    concurrent writers wait instead of failing. PostgreSQL: a connection idle for a second is
+    pinged before use so a restarted server is noticed, and short connect/statement timeouts
+    so a lost database fails requests fast.
     """
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[1] if ":///" in url else ""
@@ -42,8 +45,37 @@ def make_engine(url: str, **kw: Any) -> Engine:
     connect_args: dict[str, Any] = {}
     if url.startswith("postgresql"):
         connect_args = {"connect_timeout": 3, "options": "-c statement_timeout=30000"}
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=10, pool_timeout=5,
-                         connect_args=connect_args, **kw)
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=10, pool_timeout=5,
+                           connect_args=connect_args, **kw)
+    _ping_when_idle(engine)
+    return engine
+
+
+PING_IF_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pre-ping a pooled connection only when it sat idle for PING_IF_IDLE_S: a server restart
+    is still noticed before use, but a busy pool does not pay a round trip per checkout.
+    A connection broken within that second fails its statement, and SQLAlchemy then
+    invalidates the whole pool (disconnect detection): a 503 once, then fresh connections."""
+
+    @event.listens_for(engine, "checkin")
+    def _used(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_IF_IDLE_S:
+            return
+        try:
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT 1")
+            cur.close()
+            dbapi_conn.rollback()
+        except Exception as exc:  # the pool drops it and checks out another (or connects anew)
+            raise DisconnectionError(str(exc)) from exc
 
 
 class Database:
@@ -52,6 +84,9 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        # The same pool, each statement its own transaction: no BEGIN/ROLLBACK round trips for
+        # the hot reads (a statement sees one consistent snapshot).
+        self.reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -96,7 +96,7 @@ _OWNER_OF = select(TrainingItem.owner_id).where(TrainingItem.id == bindparam("wo
 def _influence_json(db: Database, p: Principal, work_id: int, offset: int, limit_: int) -> bytes:
     if p.owner_id is None:
         raise HTTPException(404, f"work {work_id} not found")
-    with db.engine.connect() as c:
+    with db.reads.connect() as c:
         rows = c.execute(_INFLUENCE_PAGE, {"work_id": work_id, "owner_id": p.owner_id, "offset": offset,
                                            "limit": limit_}).all()
         if rows:
