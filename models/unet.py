@@ -81,6 +81,10 @@ def silu_jvp(x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
     return y, dy.reshape(dx.shape)
 
 
+_THIN = 4
+"""Grouped convolutions with fewer channels than this per group run channels-last."""
+
+
 class WConv(nn.Module):
     """n grouped 2-D convolutions. weight: (n, C_out, C_in, k, k), bias: (n, C_out).
 
@@ -100,7 +104,30 @@ class WConv(nn.Module):
     def _conv(self, x: Tensor, bias: Tensor | None) -> Tensor:
         w = self.weight.reshape(self.n * self.c_out, *self.weight.shape[2:])
         groups = 1 if x.shape[1] == self.c_in else self.n
+        if groups > 1 and min(self.c_in, self.c_out) < _THIN:
+            # oneDNN's grouped kernels for NCHW are very slow when a group has only a
+            # channel or two (the image in / out convolutions, mostly their backward); its
+            # channels-last kernels are not. Same convolution, other memory layout.
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = F.conv2d(x, w, bias, stride=self.stride, padding=self.pad, groups=groups)
+            return y.contiguous()
+        if groups > 1 and self.weight.shape[-1] == 1 and self.stride == 1:
+            return self._pointwise(x, bias)
         return F.conv2d(x, w, bias, stride=self.stride, padding=self.pad, groups=groups)
+
+    def _pointwise(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The grouped 1x1 convolution as one batched matrix product over the members.
+
+        Member i's output is W_i (C_out, C_in) @ its input (C_in, B*H*W): n products with
+        B*H*W columns each. oneDNN's grouped 1x1 kernels (the backward above all) are several
+        times slower at these sizes than moving the member axis first and back.
+        """
+        B, _, H, W = x.shape
+        n, c_in, c_out = self.n, self.c_in, self.c_out
+        xm = x.reshape(B, n, c_in, H * W).permute(1, 2, 0, 3).reshape(n, c_in, B * H * W)
+        w = self.weight.reshape(n, c_out, c_in)
+        y = torch.bmm(w, xm) if bias is None else torch.baddbmm(bias.reshape(n, c_out, 1), w, xm)
+        return y.reshape(n, c_out, B, H * W).permute(2, 0, 1, 3).reshape(B, n * c_out, H, W)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv(x, self.bias.reshape(-1))
@@ -179,11 +206,9 @@ class ResBlock(nn.Module):
         self.conv2 = WConv(n, c_out, c_out, 3, 1, g)
         self.skip = WConv(n, c_in, c_out, 1, 1, g) if c_in != c_out else None
 
-    def _emb(self, emb: Tensor) -> Tensor:
-        return self.emb(F.silu(emb)).reshape(emb.shape[0], self.n * self.c_out, 1, 1)
-
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x))) + self._emb(emb)
+        """emb: this block's time-embedding term (B, n*C_out, 1, 1), see WideUNet.emb_terms."""
+        h = self.conv1(F.silu(self.norm1(x))) + emb
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.skip is None else self.skip(x)) + h
 
@@ -191,7 +216,7 @@ class ResBlock(nn.Module):
         h, dh = self.norm1.jvp(x, dx)
         h, dh = silu_jvp(h, dh)
         h, dh = self.conv1.jvp(h, dh)
-        h = h + self._emb(emb)  # the time embedding does not depend on x: no tangent
+        h = h + emb  # the time embedding does not depend on x: no tangent
         h, dh = self.norm2.jvp(h, dh)
         h, dh = silu_jvp(h, dh)
         h, dh = self.conv2.jvp(h, dh)
@@ -269,11 +294,28 @@ class Up(nn.Module):
         self.conv = WConv(n, c, c, 3, 1, g)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample2(x))
 
     def jvp(self, x: Tensor, dx: Tensor, emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        up = F.interpolate
-        return self.conv.jvp(up(x, scale_factor=2.0, mode="nearest"), up(dx, scale_factor=2.0))
+        return self.conv.jvp(upsample2(x), upsample2(dx))
+
+
+def upsample2(x: Tensor) -> Tensor:
+    """Nearest-neighbour x2 upsampling, (B, C, H, W) -> (B, C, 2H, 2W).
+
+    At small resolutions this is one matrix product with the 0/1 upsampling matrix: every
+    output is 1 * (its source pixel) + 0 * (the others), so it equals F.interpolate, and its
+    backward sums each 2x2 block. CPU F.interpolate (and its backward) is several times
+    slower there: its loops are built for large images, not for many tiny channels.
+    """
+    B, C, H, W = x.shape
+    if H * W > 64:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    rows = torch.arange(2 * H, device=x.device) // 2
+    cols = torch.arange(2 * W, device=x.device) // 2
+    src = (rows[:, None] * W + cols[None, :]).reshape(1, -1)  # (1, 4HW): source pixel
+    up = (torch.arange(H * W, device=x.device)[:, None] == src).to(x.dtype)  # (HW, 4HW)
+    return (x.reshape(B * C, H * W) @ up).reshape(B, C, 2 * H, 2 * W)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -343,26 +385,43 @@ class WideUNet(nn.Module):
         e = timestep_embedding(t, self.config.base_channels).to(self.conv_in.weight.dtype)
         return self.emb2(F.silu(self.emb1(e)))
 
+    def emb_terms(self, emb: Tensor) -> list[Tensor | None]:
+        """Per block of down, mid, up (in that order): a ResBlock's time-embedding term
+        emb(silu(emb)) as (B, n*C_out, 1, 1), None for the other blocks.
+
+        All ResBlocks' projections run as one batched product (their weights concatenated),
+        not one small product each. emb: (B, n, 4 * base) from time_embedding.
+        """
+        blocks = [*self.down, *self.mid, *self.up]
+        res = [blk for blk in blocks if isinstance(blk, ResBlock)]
+        w = torch.cat([blk.emb.weight for blk in res], dim=1)  # (n, sum C_out, D)
+        b = torch.cat([blk.emb.bias for blk in res], dim=1)
+        out = torch.einsum("bni,noi->bno", F.silu(emb), w) + b  # (B, n, sum C_out)
+        parts = iter(out.split([blk.c_out for blk in res], dim=2))
+        B = emb.shape[0]
+        return [next(parts).reshape(B, -1, 1, 1) if isinstance(blk, ResBlock) else None
+                for blk in blocks]
+
     def _out(self, h: Tensor) -> Tensor:
         B, _, H, W = h.shape
         return h.reshape(B, self.n, -1, H, W).transpose(0, 1)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        emb = self.time_embedding(t, x_t.shape[0])
+        terms = iter(self.emb_terms(self.time_embedding(t, x_t.shape[0])))
         h = self.conv_in(x_t)
         hs = [h]
         for blk in self.down:
-            h = blk(h, emb)
+            h = blk(h, next(terms))
             if isinstance(blk, AttnBlock):
                 hs[-1] = h  # attention refines the skip its ResBlock just pushed
             else:
                 hs.append(h)
         for blk in self.mid:
-            h = blk(h, emb)
+            h = blk(h, next(terms))
         for blk in self.up:
             if isinstance(blk, ResBlock):
                 h = cat_members(h, hs.pop(), self.n)
-            h = blk(h, emb)
+            h = blk(h, next(terms))
         h = self.conv_out(F.silu(self.norm_out(h)))
         return self._out(h)
 
@@ -377,22 +436,22 @@ class WideUNet(nn.Module):
         """
         B = x_t.shape[0]
         m = dx_t.shape[0]
-        emb = self.time_embedding(t, B)
+        terms = iter(self.emb_terms(self.time_embedding(t, B)))
         h, dh = self.conv_in.jvp(x_t, dx_t.reshape(m * B, *dx_t.shape[2:]))
         hs = [(h, dh)]
         for blk in self.down:
-            h, dh = blk.jvp(h, dh, emb)
+            h, dh = blk.jvp(h, dh, next(terms))
             if isinstance(blk, AttnBlock):
                 hs[-1] = (h, dh)
             else:
                 hs.append((h, dh))
         for blk in self.mid:
-            h, dh = blk.jvp(h, dh, emb)
+            h, dh = blk.jvp(h, dh, next(terms))
         for blk in self.up:
             if isinstance(blk, ResBlock):
                 s, ds = hs.pop()
                 h, dh = cat_members(h, s, self.n), cat_members(dh, ds, self.n)
-            h, dh = blk.jvp(h, dh, emb)
+            h, dh = blk.jvp(h, dh, next(terms))
         h, dh = self.norm_out.jvp(h, dh)
         h, dh = silu_jvp(h, dh)
         h, dh = self.conv_out.jvp(h, dh)
