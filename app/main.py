@@ -224,6 +224,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.ranking_cache = operator.RankingCache()
     app.state.writer = Writer(app.state.db, app.state.celery)
     app.state.reads = ReadPool(settings.read_threads)
+    app.state.influence_cache = works.TTLCache(settings.influence_cache_s)
     app.state.metrics = metrics = Metrics()
 
 

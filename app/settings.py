@@ -25,6 +25,8 @@ class Settings(BaseSettings):
                             description="Celery broker; default filesystem:// under <data_dir>/broker")
     operator_key: str | None = Field(None, description="an operator API key accepted besides stored keys")
     auth_cache_s: float = Field(2.0, description="seconds a checked key is remembered (revocation delay)")
+    influence_cache_s: float = Field(1.0, ge=0, description="seconds an influence page is reused per API "
+                                     "process (a newly finished attribution shows up within it; 0: off)")
     read_threads: int = Field(2, ge=1, description="threads that run the hot read routes' database work "
                               "at once, per API process (more only contend for the GIL)")
 

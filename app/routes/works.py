@@ -5,9 +5,12 @@ Another owner's work answers 404 (never 403: ids of others' works are not confir
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
@@ -64,15 +67,44 @@ def get_work_image(work_id: PathId, p: OwnerDep, s: SessionDep, scale: Scale = 1
 @router.get("/{work_id}/influence", response_model=InfluencePage,
             summary="Generations in which your work ranked in the top k")
 async def get_influence(work_id: PathId, p: OwnerDep, db: DatabaseDep, reads: ReadsDep,
-                        settings: SettingsDep, offset: Offset = 0,
+                        settings: SettingsDep, request: Request, offset: Offset = 0,
                         limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
                                                      "max_page_size")] = 100) -> Response:
     """Newest first: every finished attribution that ranked this work, with its rank, score
-    (exact where verified) and links to the generated image and to its counterfactual."""
+    (exact where verified) and links to the generated image and to its counterfactual. A page
+    is reused for `influence_cache_s` (1 s by default): a new attribution shows up within it."""
     limit("max_page_size", limit_, settings, "limit")
-    # The hot read of a rights holder: one trip to the thread pool, two statements, no ORM.
-    body = await reads.run(_influence_json, db, p, work_id, offset, limit_)
+    cache: TTLCache = request.app.state.influence_cache
+    key = (p.owner_id, work_id, offset, limit_)
+    body = cache.get(key)
+    if body is None:
+        # The hot read of a rights holder: one trip to the thread pool, one statement, no ORM.
+        body = await reads.run(_influence_json, db, p, work_id, offset, limit_)
+        cache.put(key, body)
     return Response(body, media_type="application/json")
+
+
+class TTLCache:
+    """Response bodies for ``ttl`` seconds (bounded, oldest dropped first); used from the event
+    loop only. Keys include the caller's owner id, so a page is only ever served to its owner."""
+
+    def __init__(self, ttl: float, size: int = 10_000) -> None:
+        self.ttl, self.size = ttl, size
+        self._items: OrderedDict[Hashable, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: Hashable) -> bytes | None:
+        hit = self._items.get(key)
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, key: Hashable, body: bytes) -> None:
+        if self.ttl <= 0:
+            return
+        self._items[key] = (time.monotonic() + self.ttl, body)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
 
 
 _INFLUENCE = (
