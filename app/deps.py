@@ -6,7 +6,8 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -65,6 +66,30 @@ class ReadPool:
         if self._limiter is None or self._loop is not loop:
             self._limiter, self._loop = anyio.CapacityLimiter(self.threads), loop
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+class BodyCache:
+    """Response bodies by key for ``ttl`` seconds (math.inf: until evicted), at most ``size``,
+    least recently used dropped first. Used from the event loop only (no lock)."""
+
+    def __init__(self, ttl: float, size: int = 10_000) -> None:
+        self.ttl, self.size = ttl, size
+        self._items: OrderedDict[Hashable, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: Hashable) -> bytes | None:
+        hit = self._items.get(key)
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        self._items.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: Hashable, body: bytes) -> None:
+        if self.ttl <= 0:
+            return
+        self._items[key] = (time.monotonic() + self.ttl, body)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
 
 
 async def get_reads(request: Request) -> ReadPool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -27,7 +28,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import jobs
 from app.db import Database
-from app.deps import KeyCache, RateLimiter, ReadPool
+from app.deps import BodyCache, KeyCache, RateLimiter, ReadPool
 from app.orm import Job
 from app.queue import make_celery
 from app.routes import operator, works
@@ -221,10 +222,10 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.celery = celery or make_celery(settings)
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-    app.state.ranking_cache = operator.RankingCache()
+    app.state.ranking_cache = BodyCache(math.inf, size=2048)  # a finished ranking never changes
     app.state.writer = Writer(app.state.db, app.state.celery)
     app.state.reads = ReadPool(settings.read_threads)
-    app.state.influence_cache = works.TTLCache(settings.influence_cache_s)
+    app.state.influence_cache = BodyCache(settings.influence_cache_s)
     app.state.metrics = metrics = Metrics()
 
 

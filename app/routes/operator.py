@@ -5,8 +5,7 @@ Handlers only validate, write rows and publish job ids; workers do the computing
 
 from __future__ import annotations
 
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
@@ -20,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.db import Database
-from app.deps import CeleryDep, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
+from app.deps import BodyCache, CeleryDep, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
 from app.orm import (
     Attribution,
     AttributionEntry,
@@ -323,7 +322,7 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
             summary="A ranking of training works, with owners and exact scores where verified")
 async def get_attribution(attribution_id: PathId, _: OperatorDep, request: Request) -> Response:
     """A finished ranking never changes, so its JSON is kept (per process) after the first read."""
-    cache: RankingCache = request.app.state.ranking_cache
+    cache: BodyCache = request.app.state.ranking_cache
     body = cache.get(attribution_id)
     if body is None:
         body, final = await request.app.state.reads.run(_ranking_json, request.app.state.db, attribution_id)
@@ -338,28 +337,6 @@ def _ranking_json(db: Database, attribution_id: int) -> tuple[bytes, bool]:
         if att is None:
             raise HTTPException(404, f"attribution {attribution_id} not found")
         return attribution_public(s, att).model_dump_json().encode(), att.status == "succeeded"
-
-
-class RankingCache:
-    """JSON of finished rankings by attribution id (bounded, oldest dropped first)."""
-
-    def __init__(self, size: int = 2048) -> None:
-        self.size = size
-        self._items: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: int) -> bytes | None:
-        with self._lock:
-            body = self._items.get(key)
-            if body is not None:
-                self._items.move_to_end(key)
-            return body
-
-    def put(self, key: int, body: bytes) -> None:
-        with self._lock:
-            self._items[key] = body
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
 
 
 def counterfactual_png(s: Session, attribution_id: int, item_id: int) -> bytes:
@@ -405,15 +382,17 @@ async def create_batch(body: BatchCreate, _: LimitedOperatorDep, writer: WriterD
     `GET /batches/{batch_id}` for progress over the whole batch."""
     limit("max_batch_seeds", body.num_seeds(), settings, "number of seeds")
     seeds = body.seed_list()
-    out = await writer.run(lambda tx: _create_batch(tx, body, seeds, settings, idempotency_key))
+    out, new_jobs = await writer.run(lambda tx: _create_batch(tx, body, seeds, settings, idempotency_key))
     # Publishing thousands of ids takes a while: after the response (the jobs are safe in the
     # database; should this process die first, the reaper re-sends them).
-    background.add_task(jobs.enqueue, celery, out.job_ids)
+    if new_jobs:
+        background.add_task(jobs.enqueue, celery, new_jobs)
     return out
 
 
 def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Settings,
-                  idempotency_key: str | None) -> BatchAccepted:
+                  idempotency_key: str | None) -> tuple[BatchAccepted, list[str]]:
+    """The batch, and the ids of the jobs it created (none when replayed)."""
     s = tx.s
     if idempotency_key is not None:
         old = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
@@ -421,7 +400,7 @@ def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Setting
             ids = list(s.scalars(select(Job.id).where(Job.batch_id == old.batch_id)))
             b = s.get(Batch, old.batch_id)
             assert b is not None
-            return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids)
+            return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids), []
     ens = _ensemble(tx, body.ensemble_id)
     steps = _steps(body.steps, ens, settings)
     opt = body.attribute
@@ -446,7 +425,7 @@ def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Setting
                     att.job_id = jobs.new_job(s, "attribute", {"attribution_id": att.id}, batch_id=batch.id,
                                               idempotency_key=None if new_jobs else key)
                     new_jobs.append(att.job_id)
-    return BatchAccepted(batch_id=batch.id, total=len(seeds), job_ids=new_jobs)
+    return BatchAccepted(batch_id=batch.id, total=len(seeds), job_ids=new_jobs), new_jobs
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic, summary="Progress over a whole batch")

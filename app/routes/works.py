@@ -5,9 +5,6 @@ Another owner's work answers 404 (never 403: ids of others' works are not confir
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from collections.abc import Hashable
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -16,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.db import Database
-from app.deps import DatabaseDep, OwnerDep, ReadsDep, SessionDep, SettingsDep
+from app.deps import BodyCache, DatabaseDep, OwnerDep, ReadsDep, SessionDep, SettingsDep
 from app.orm import Attribution, AttributionEntry, Generation, Image, TrainingItem
 from app.routes.operator import ERRORS, PNG, PathId, Scale, counterfactual_png, limit, png_response
 from app.schemas import InfluencePage, InfluencePublic, WorkPage, WorkPublic
@@ -74,7 +71,7 @@ async def get_influence(work_id: PathId, p: OwnerDep, db: DatabaseDep, reads: Re
     (exact where verified) and links to the generated image and to its counterfactual. A page
     is reused for `influence_cache_s` (1 s by default): a new attribution shows up within it."""
     limit("max_page_size", limit_, settings, "limit")
-    cache: TTLCache = request.app.state.influence_cache
+    cache: BodyCache = request.app.state.influence_cache
     key = (p.owner_id, work_id, offset, limit_)
     body = cache.get(key)
     if body is None:
@@ -82,29 +79,6 @@ async def get_influence(work_id: PathId, p: OwnerDep, db: DatabaseDep, reads: Re
         body = await reads.run(_influence_json, db, p, work_id, offset, limit_)
         cache.put(key, body)
     return Response(body, media_type="application/json")
-
-
-class TTLCache:
-    """Response bodies for ``ttl`` seconds (bounded, oldest dropped first); used from the event
-    loop only. Keys include the caller's owner id, so a page is only ever served to its owner."""
-
-    def __init__(self, ttl: float, size: int = 10_000) -> None:
-        self.ttl, self.size = ttl, size
-        self._items: OrderedDict[Hashable, tuple[float, bytes]] = OrderedDict()
-
-    def get(self, key: Hashable) -> bytes | None:
-        hit = self._items.get(key)
-        if hit is None or hit[0] <= time.monotonic():
-            return None
-        return hit[1]
-
-    def put(self, key: Hashable, body: bytes) -> None:
-        if self.ttl <= 0:
-            return
-        self._items[key] = (time.monotonic() + self.ttl, body)
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
 
 
 _INFLUENCE = (
