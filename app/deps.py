@@ -53,8 +53,9 @@ async def get_writer(request: Request) -> Writer:
 class ReadPool:
     """The hot read routes' database work (key lookups, rankings, influence lists) in at most
     ``threads`` threads at once. With FastAPI's default (40) every waiting request gets a
-    thread, and 30-odd threads fight for the GIL: the influence list at 32 clients had a p99
-    several times its median (measured in bench/api.py; see README). One limiter per event loop."""
+    thread, and 30-odd threads fight for the GIL: the influence list at 32 clients had p99
+    100-125 ms for a p50 of 26-31 ms, and 39 ms with 2 threads (bench/api.py --phases influence,
+    same busy machine). One limiter per event loop."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
