@@ -5,9 +5,10 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,7 +22,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -116,20 +120,66 @@ class Measure:
             self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - t0)
 
 
+class JobCounts(Collector):
+    """``attrib_jobs{kind, status}``: job counts read from the database at every scrape (the
+    same in every API process, so not a per-process metric)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("attrib_jobs", "jobs by kind and status", labels=["kind", "status"])
+        try:
+            with self.db.session() as s:
+                rows = s.execute(select(Job.kind, Job.status, func.count())
+                                 .group_by(Job.kind, Job.status)).all()
+        except Exception as exc:  # metrics must answer while the database is down
+            log.warning("metrics: %s", exc)
+            rows = []
+        for kind, status, n in rows:
+            family.add_metric([kind, status], n)
+        yield family
+
+
 class Metrics:
-    def __init__(self) -> None:
+    """The API's Prometheus metrics.
+
+    With several API processes (``attrib serve --api-processes N``), ``PROMETHEUS_MULTIPROC_DIR``
+    is set and prometheus_client keeps every value in a file per process; ``latest()`` then sums
+    all processes, whichever one answers the scrape.
+    """
+
+    def __init__(self, db: Database) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter("attrib_http_requests_total", "HTTP requests", ["method", "route", "status"],
                                 registry=self.registry)
         self.latency = Histogram("attrib_http_request_seconds", "HTTP request latency", ["method", "route"],
                                  registry=self.registry,
                                  buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-        self.jobs = Gauge("attrib_jobs", "jobs by kind and status", ["kind", "status"],
-                          registry=self.registry)
         self.requeued = Counter("attrib_jobs_resent_total", "lost jobs re-sent by the reaper",
                                 registry=self.registry)
-        self.writes = Gauge("attrib_writes", "writing requests committed by this process, and the "
-                            "transactions that carried them (group commit)", ["what"], registry=self.registry)
+        self.writes = Gauge("attrib_writes", "writing requests committed by the API, and the "
+                            "transactions that carried them (group commit)", ["what"],
+                            registry=self.registry, multiprocess_mode="livesum")
+        for what in ("requests", "transactions"):
+            self.writes.labels(what)
+        self.job_counts = JobCounts(db)
+        if not self.multiprocess:
+            self.registry.register(self.job_counts)
+
+    def committed(self, requests: int) -> None:
+        """The writer committed one transaction carrying ``requests`` writing requests."""
+        self.writes.labels("requests").inc(requests)
+        self.writes.labels("transactions").inc()
+
+    def latest(self) -> bytes:
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self.job_counts)
+        return generate_latest(registry)
 
 
 def _reaper(app: FastAPI, stop: threading.Event) -> None:
@@ -223,10 +273,10 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     app.state.ranking_cache = BodyCache(math.inf, size=2048)  # a finished ranking never changes
-    app.state.writer = Writer(app.state.db, app.state.celery)
+    app.state.metrics = metrics = Metrics(app.state.db)
+    app.state.writer = Writer(app.state.db, app.state.celery, on_commit=metrics.committed)
     app.state.reads = ReadPool(settings.read_threads)
     app.state.influence_cache = BodyCache(settings.influence_cache_s)
-    app.state.metrics = metrics = Metrics()
 
 
     @app.exception_handler(OperationalError)
@@ -267,18 +317,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {}}}})
     def prometheus() -> Response:
-        try:
-            with app.state.db.session() as s:
-                rows = s.execute(select(Job.kind, Job.status, func.count())
-                                 .group_by(Job.kind, Job.status)).all()
-            metrics.jobs.clear()
-            for kind, status, n in rows:
-                metrics.jobs.labels(kind, status).set(n)
-        except Exception as exc:  # metrics must answer while the database is down
-            log.warning("metrics: %s", exc)
-        metrics.writes.labels("requests").set(app.state.writer.requests)
-        metrics.writes.labels("transactions").set(app.state.writer.transactions)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(Measure, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: before any parsing

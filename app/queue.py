@@ -6,14 +6,49 @@ Embedded default: kombu's filesystem transport in <data_dir>/broker (no server).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+import uuid
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from app.settings import Settings
 
 TASK_NAME = "attrib.run_job"
 QUEUE = "attrib"
+
+
+class _AtomicChannel(filesystem.Channel):
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        """Write the message under a hidden name, then rename it into place.
+
+        kombu's own _put creates ``<time>_<uuid>.<queue>.msg`` and only then locks and fills it:
+        a consumer listing the folder in between reads it empty and the worker dies
+        ("Unrecoverable error: JSONDecodeError", seen with two API processes publishing). A
+        rename is atomic, and consumers skip names that do not end in ``.<queue>.msg``.
+        """
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        hidden = os.path.join(self.data_folder_out, f".{name}.part")
+        try:
+            with open(hidden, "wb") as f:
+                f.write(dumps(payload).encode())
+            os.replace(hidden, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(hidden)
+            raise ChannelError(f"cannot add file {final!r} to the broker folder") from exc
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    """kombu's filesystem transport whose messages appear whole (see _AtomicChannel._put)."""
+
+    Channel = _AtomicChannel
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -37,6 +72,8 @@ def make_celery(settings: Settings) -> Celery:
             "socket_timeout": 10,
         }
     app = Celery("attrib", broker=settings.broker_url, set_as_current=False)
+    if settings.broker_url.startswith("filesystem"):
+        app.conf.broker_transport = f"{__name__}:AtomicFilesystemTransport"
     app.conf.update(
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,

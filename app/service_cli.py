@@ -19,9 +19,11 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +291,16 @@ def cmd_worker(args: argparse.Namespace) -> None:
     os.execv(sys.executable, worker_command(args.concurrency, args.loglevel))
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -309,6 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                   start_new_session=True)
     url = f"http://{args.host}:{args.port}"
     _log(f"serving {url} (docs {url}/docs); database {settings.database_url}; broker {settings.broker_url}"
+         f"; {args.api_processes or settings.api_processes} API process(es)"
          + (f"; {args.workers} worker process(es)" if worker else "; no worker (start 'attrib worker')"))
     key = "$OPERATOR_KEY"
     keys_file = settings.data_dir / "demo-keys.json"
@@ -320,10 +333,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # uvicorn re-raises the SIGTERM it shut down on; with the default action the process would
     # die on the spot and leave its worker running. As an exception, the worker is stopped below.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    processes = args.api_processes or settings.api_processes
+    metrics_dir = None
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.loglevel,
-                    access_log=args.access_log)
+        if processes == 1:
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.loglevel,
+                        access_log=args.access_log)
+        else:
+            # The processes build the app from the same environment; prometheus_client adds up
+            # their metrics through this folder.
+            from app import server
+
+            metrics_dir = tempfile.mkdtemp(prefix="attrib-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            server.serve(processes, args.host, args.port, args.loglevel, args.access_log)
     finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if worker is not None and worker.poll() is None:
             os.killpg(worker.pid, signal.SIGTERM)
             try:
@@ -399,6 +425,9 @@ def add_parsers(sub: Any) -> None:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=1, help="worker processes to start (0: none)")
+    sv.add_argument("--api-processes", type=_positive, default=None,
+                    help="HTTP server processes (default: ATTRIB_API_PROCESSES, else 1); on a machine "
+                         "with spare cores, more serve more requests at once")
     sv.add_argument("--loglevel", default="info")
     sv.add_argument("--access-log", action="store_true", help="log every request")
     sv.set_defaults(func=cmd_serve)

@@ -23,10 +23,16 @@ class Settings(BaseSettings):
                               description="SQLAlchemy URL; default sqlite:///<data_dir>/attrib.db")
     broker_url: str = Field("", validation_alias=AliasChoices("BROKER_URL", "ATTRIB_BROKER_URL"),
                             description="Celery broker; default filesystem:// under <data_dir>/broker")
+    broker_dir: Path | None = Field(None, description="folder of the embedded (filesystem) broker; default "
+                                    "<data_dir>/broker. Its files are only wake-ups for jobs kept in the "
+                                    "database (the reaper re-sends lost ones), so a tmpfs such as /dev/shm "
+                                    "is safe and much faster; API and workers must share it")
     operator_key: str | None = Field(None, description="an operator API key accepted besides stored keys")
     auth_cache_s: float = Field(2.0, description="seconds a checked key is remembered (revocation delay)")
     influence_cache_s: float = Field(1.0, ge=0, description="seconds an influence page is reused per API "
                                      "process (a newly finished attribution shows up within it; 0: off)")
+    api_processes: int = Field(1, ge=1, description="HTTP server processes of 'attrib serve' (uvicorn "
+                               "workers); each has its own caches, writer and rate limits; /metrics adds up")
     read_threads: int = Field(2, ge=1, description="threads that run the hot read routes' database work "
                               "at once, per API process (more only contend for the GIL)")
 
@@ -76,7 +82,7 @@ class Settings(BaseSettings):
 
     @property
     def broker_folder(self) -> Path:
-        return self.data_dir / "broker"
+        return self.broker_dir or self.data_dir / "broker"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -62,8 +62,10 @@ def _database_error(exc: BaseException) -> bool:
 
 
 class Writer:
-    def __init__(self, db: Database, celery: Celery, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, db: Database, celery: Celery, max_batch: int = MAX_BATCH,
+                 on_commit: Callable[[int], None] | None = None) -> None:
         self.db, self.celery, self.max_batch = db, celery, max_batch
+        self.on_commit = on_commit  # called with the number of requests of each commit
         self._queue: list[_Item[Any]] = []
         self._drain: asyncio.Task[None] | None = None
         self.transactions = 0
@@ -139,6 +141,8 @@ class Writer:
             if failed is None:
                 self.transactions += 1
                 self.requests += len(todo)
+                if self.on_commit is not None:
+                    self.on_commit(len(todo))
                 outcomes.update((i, (True, v)) for i, v in done.items())
                 return [outcomes[i] for i in range(len(fns))], publish
             # Leave the failed request out and run the rest again (nothing was committed).

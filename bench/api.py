@@ -18,9 +18,12 @@ instead (latency counted from the scheduled send time). Phases:
 Against a running server: --url URL --operator-key KEY [--owner-key KEY] (a worker must run,
 the setup samples one generation and attributes it). Without --url the bench starts its own:
 a fresh temporary ATTRIB_DATA_DIR, ``attrib demo-setup --preset tiny --json`` (digits, 5 demo
-rights holders, a tiny ensemble trained in seconds to a minute), then ``attrib serve --workers 1``
-in its own process group, torn down at the end. --database-url/--broker-url are passed to that
-server (a PostgreSQL URL without a database name gets a fresh database, dropped at the end).
+rights holders, a tiny ensemble trained in seconds to a minute), then ``attrib serve --workers 1
+--api-processes 2`` in its own process group, torn down at the end, with its filesystem
+broker's folder in a fresh /dev/shm folder (--broker-dir; the messages are only wake-ups, the
+jobs are in the database). --database-url/--broker-url are passed to that server (a PostgreSQL
+URL without a database name gets a fresh database, dropped at the end). The server's CPU is
+that of attrib serve and its HTTP processes, not of the worker.
 
 Latency is measured by the client, so it includes the client's own event loop: on this
 machine the load generator and the server share 2 CPU cores (each phase reports the CPU
@@ -103,6 +106,11 @@ def parse_args() -> argparse.Namespace:
                    help="use (and keep) this ATTRIB_DATA_DIR instead of a fresh temporary one: a "
                         "second run skips the training")
     g.add_argument("--preset", default="tiny", help="network preset for attrib demo-setup")
+    g.add_argument("--broker-dir", choices=("shm", "data"), default="shm",
+                   help="filesystem broker's folder (ATTRIB_BROKER_DIR): a fresh one in /dev/shm (tmpfs; "
+                        "falls back to data without it) or the server's default <data dir>/broker")
+    g.add_argument("--api-processes", type=int, default=2,
+                   help="HTTP server processes (attrib serve --api-processes): one per core here")
     g.add_argument("--worker", choices=("paused", "running"), default="paused",
                    help="paused: SIGSTOP the worker while measuring, so the queued jobs do not take "
                         "the 2 cores from the API; running: let it sample them meanwhile")
@@ -176,9 +184,10 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _snapshot(server_pid: int | None) -> dict[str, float | None]:
+def _snapshot(server_pids: list[int]) -> dict[str, float | None]:
+    cpu = [_proc_cpu_s(p) for p in server_pids]
     return {"wall": time.perf_counter(), "client": time.process_time(), "busy": _machine_busy_s(),
-            "server": _proc_cpu_s(server_pid)}
+            "server": None if not cpu or None in cpu else sum(c for c in cpu if c is not None)}
 
 
 def _cpu_usage(a: dict[str, float | None], b: dict[str, float | None], requests: int) -> dict[str, Any]:
@@ -326,7 +335,7 @@ def make_clients(kind: str, url: str, key: str, clients: int, timeout: float) ->
 
 
 async def run_phase(url: str, key: str, request: Request, clients: int, duration: float, warmup: float,
-                    timeout: float, server_pid: int | None, rate: float = 0.0,
+                    timeout: float, server_pids: list[int], rate: float = 0.0,
                     client_kind: str = "raw") -> dict[str, Any]:
     """rate > 0: each client sends on a fixed schedule of ``rate`` requests/s (random phase) and
     latency counts from the scheduled time (no coordinated omission); 0: closed loop."""
@@ -365,9 +374,9 @@ async def run_phase(url: str, key: str, request: Request, clients: int, duration
 
     async def clock() -> None:
         await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
-        snaps["a"] = _snapshot(server_pid)
+        snaps["a"] = _snapshot(server_pids)
         await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
-        snaps["b"] = _snapshot(server_pid)
+        snaps["b"] = _snapshot(server_pids)
 
     await asyncio.gather(clock(), *(client(c) for c in pool))
     lat.sort()
@@ -436,7 +445,6 @@ def memory_phase(url: str, operator_key: str, server: Any, jobs: int, seed0: int
     def worker_pids() -> list[int]:
         return [p for g in server.worker_pgids for p in _group_pids(g)]
 
-    api_pid = server.proc.pid
     samples: list[dict[str, Any]] = []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {operator_key}"}, timeout=30) as c:
         ids = []
@@ -455,7 +463,7 @@ def memory_phase(url: str, operator_key: str, server: Any, jobs: int, seed0: int
             mark = max((m for m in done_marks if m <= finished), default=0)
             if mark in done_marks:
                 done_marks.discard(mark)
-                samples.append({"jobs_done": finished, "api_rss_mb": _rss_mb([api_pid]),
+                samples.append({"jobs_done": finished, "api_rss_mb": _rss_mb(server.api_pids()),
                                 "worker_rss_mb": _rss_mb(worker_pids()),
                                 "t_s": round(time.monotonic() - t0, 1)})
             if not remaining:
@@ -591,6 +599,9 @@ class Embedded:
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker_pgids: list[int] = []
         self.temp = args.data_dir is None
+        self.broker_dir: Path | None = None
+        if args.broker_dir == "shm" and not args.broker_url and Path("/dev/shm").is_dir():
+            self.broker_dir = Path(tempfile.mkdtemp(prefix="attrib-bench-broker-", dir="/dev/shm"))
         self.dir = Path(args.data_dir or tempfile.mkdtemp(prefix="attrib-bench-api-")).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.database_url = args.database_url
@@ -612,6 +623,8 @@ class Embedded:
             env["DATABASE_URL"] = self.database_url
         if self.args.broker_url:
             env["BROKER_URL"] = self.args.broker_url
+        if self.broker_dir is not None:
+            env["ATTRIB_BROKER_DIR"] = str(self.broker_dir)
         return env
 
     def _fresh_postgres(self) -> None:
@@ -652,7 +665,7 @@ class Embedded:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*_attrib(), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                 "--loglevel", "warning"],
+                 "--api-processes", str(self.args.api_processes), "--loglevel", "warning"],
                 env=env, cwd=C.ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         C.log(f"serving {self.url} (pid {self.proc.pid}, log {self.log_path}); waiting for /readyz")
         end = time.monotonic() + 180
@@ -675,6 +688,17 @@ class Embedded:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def api_pids(self) -> list[int]:
+        """attrib serve and its HTTP server processes (not the worker, in sessions of its own)."""
+        if self.proc is None:
+            return []
+        kids = []
+        for p in _children(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(p) not in self.worker_pgids:
+                    kids.append(p)
+        return [self.proc.pid, *kids]
 
     def signal_worker(self, sig: signal.Signals) -> None:
         for g in self.worker_pgids:
@@ -707,6 +731,8 @@ class Embedded:
         if self.created_db and not self.args.keep:
             with contextlib.suppress(Exception):
                 self._drop_db(self.created_db)
+        if self.broker_dir is not None:  # wake-up messages only: the jobs are in the database
+            shutil.rmtree(self.broker_dir, ignore_errors=True)
         if self.temp and not self.args.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         elif self.temp:
@@ -790,7 +816,6 @@ def main() -> None:
         if server is not None and args.worker == "paused":
             server.signal_worker(signal.SIGSTOP)
         requests = load_requests(st, itertools.count(seed0 + 1), args.enqueue_steps, job_ids)
-        server_pid = server.proc.pid if server is not None and server.proc is not None else None
         runner, loop_name = _loop_runner()
         results: dict[int, dict[str, Any]] = {n: {} for n in args.levels}
         skipped: dict[str, str] = {}
@@ -807,8 +832,9 @@ def main() -> None:
                     skipped[f"{phase}@{n}"] = "the server did not answer /healthz within 1 s for 120 s"
                     continue
                 C.log(f"{phase}: {n} clients, {args.warmup:g} s warm-up + {args.duration:g} s ...")
+                server_pids = server.api_pids() if server is not None else []
                 r = runner.run(run_phase(url, key, req, n, args.duration, args.warmup, args.timeout,
-                                         server_pid, args.rate, args.client))
+                                         server_pids, args.rate, args.client))
                 r["settle_s"] = settle
                 results[n][phase] = r
                 errs = r["errors"]["non_2xx"] + r["errors"]["transport"]
@@ -873,8 +899,10 @@ def main() -> None:
             "database": _kind(server.database_url if server else args.database_url,
                               "sqlite" if server else "unknown"),
             "broker": _kind(args.broker_url, "filesystem" if server else "unknown"),
-            "server": ("attrib serve --workers 1 (uvicorn, 1 process), preset " + args.preset
-                       if server else "external"),
+            "broker_dir": (str(server.broker_dir) if server and server.broker_dir
+                           else "<data dir>/broker" if server and not args.broker_url else None),
+            "server": (f"attrib serve --workers 1 --api-processes {args.api_processes} (uvicorn), "
+                       f"preset {args.preset}" if server else "external"),
             "worker_while_measuring": args.worker if server else "unknown (external server)",
             "setup_steps": args.setup_steps,
             "enqueue_steps": args.enqueue_steps,

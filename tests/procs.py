@@ -49,10 +49,11 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def serve(env: dict[str, str], tmp: Path, workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+def serve(env: dict[str, str], tmp: Path, workers: int = 1,
+          args: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = start([str(BIN / "attrib"), "serve", "--port", str(port), "--workers", str(workers)], env,
-                 tmp / "serve.log")
+    proc = start([str(BIN / "attrib"), "serve", "--port", str(port), "--workers", str(workers), *args],
+                 env, tmp / "serve.log")
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _get(url + "/healthz") == 200, 60, lambda: (tmp / "serve.log").read_text()[-3000:])
     return proc, url

@@ -260,3 +260,56 @@ def test_serve_stops_its_worker_on_sigterm(base_env: dict[str, str], tmp_path: P
         for pid in workers:  # what the failure left behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def _api_processes(serve_pid: int) -> list[int]:
+    """The HTTP server processes of `attrib serve --api-processes N` (spawned children)."""
+    out = []
+    for pid in _children(serve_pid):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+    return out
+
+
+def test_serve_with_two_api_processes(base_env: dict[str, str], tmp_path: Path) -> None:
+    """Two HTTP processes on one port, each with its own socket: new connections reach both,
+    /metrics adds up both (whichever answers), a killed one is replaced, and SIGTERM stops all."""
+    proc, url = serve(base_env, tmp_path, workers=0, args=("--api-processes", "2"))
+    apis: list[int] = []
+    try:
+        def two() -> bool:
+            apis[:] = _api_processes(proc.pid)
+            return len(apis) == 2
+        wait_until(two, 30, lambda: f"API processes {apis}")
+        env = dict(e.split(b"=", 1) for e in Path(f"/proc/{apis[0]}/environ").read_bytes().split(b"\0") if e)
+        metrics_dir = Path(env[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+
+        def healthz_count() -> float:
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            line = 'attrib_http_requests_total{method="GET",route="/healthz",status="200"}'
+            return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line))
+
+        before = healthz_count()
+        for _ in range(40):  # a new connection each
+            assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        assert healthz_count() - before == 40
+        # Each process counted some of them (the kernel spread the connections).
+        assert {f"counter_{pid}.db" for pid in apis} <= {p.name for p in metrics_dir.iterdir()}
+
+        os.kill(apis[0], signal.SIGKILL)
+        wait_until(lambda: len(_api_processes(proc.pid)) == 2 and apis[0] not in _api_processes(proc.pid),
+                   60, "the killed API process was not replaced")
+        wait_until(lambda: all(httpx.get(f"{url}/healthz", timeout=5).status_code == 200 for _ in range(10)),
+                   60, "not serving after the restart")
+        apis[:] = _api_processes(proc.pid)
+
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=40) == 128 + signal.SIGTERM
+        wait_until(lambda: not any(_alive(p) for p in apis), 30, f"API processes {apis} outlived serve")
+        assert not metrics_dir.exists()
+    finally:
+        stop([proc])
+        for pid in apis:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
