@@ -65,12 +65,13 @@ def _ensemble(args: argparse.Namespace, granularity: str, device: torch.device,
             raise CLIError(f"{args.checkpoint} has {ens.codebook.granularity} granularity; this "
                            f"validation needs an ensemble trained with --granularity {granularity}")
         spec = args.data if args.data_given else ens.dataset.spec
-        ds = _load_data(spec, ens.dataset.subset, ens.dataset.subset_seed)
+        ds = _without_classes(_load_data(spec, ens.dataset.subset, ens.dataset.subset_seed), args)
         if ds.fingerprint() != ens.dataset.fingerprint:
-            raise CLIError(f"data {spec!r} is not the data {args.checkpoint} was trained on")
+            hint = " (and the same --exclude-classes)" if granularity == "class" else ""
+            raise CLIError(f"data {spec!r}{hint} is not the data {args.checkpoint} was trained on")
         st = ens.train_state or {}
         return ens, ds, {"checkpoint": args.checkpoint, "trained_steps": st.get("step")}
-    ds = _load_data(args.data, args.subset, args.subset_seed)
+    ds = _without_classes(_load_data(args.data, args.subset, args.subset_seed), args)
     preset = PRESETS[args.preset]
     k = args.k if args.k is not None else default_k(args.n)
     if granularity == "class" and ds.labels is None:
@@ -100,6 +101,25 @@ def _ensemble(args: argparse.Namespace, granularity: str, device: torch.device,
           progress=lambda step, losses: progress("train", step, steps))
     return ens.for_inference(device), ds, {"checkpoint": str(out), "trained_steps": steps,
                                            "train_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _without_classes(ds: ImageDataset, args: argparse.Namespace) -> ImageDataset:
+    """The data without the classes named by --exclude-classes (the paper's Figure 1b leaves
+    out 5, 7 and 9); as given when there is no such flag or it is empty."""
+    wanted = [c.strip() for c in (getattr(args, "exclude_classes", None) or "").split(",") if c.strip()]
+    if not wanted:
+        return ds
+    if ds.labels is None:
+        raise CLIError(f"--exclude-classes: data {ds.name!r} has no labels")
+    names = ds.label_names or tuple(str(i) for i in range(int(ds.labels.max()) + 1))
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise CLIError(f"--exclude-classes: no class {', '.join(unknown)} in {ds.name!r} "
+                       f"(its classes: {', '.join(names)})")
+    keep = ~np.isin(ds.labels, [names.index(c) for c in wanted])
+    if not keep.any():
+        raise CLIError("--exclude-classes leaves no item")
+    return ds.subset(keep)
 
 
 def _ensemble_info(ens: Ensemble, ds: ImageDataset, extra: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +206,7 @@ def cmd_classes(args: argparse.Namespace) -> None:
         "ensemble": _ensemble_info(ens, ds, ens_extra), "steps": steps,
         "samples": len(pred), "seeds": [args.seed_start, args.seed_start + args.samples - 1],
         "classes": list(keys),
+        "excluded_classes": args.exclude_classes,
         "classifier": {"kind": clf.kind, "held_out_accuracy": clf.accuracy, "n_train": clf.n_train,
                        "n_test": clf.n_test},
         "lpips": lpips_note,
@@ -410,6 +431,8 @@ def add_parser(sub: Any) -> None:
                    help="class codes when training: 'balanced' (Hadamard rows, every pair of classes "
                         "shares exactly n/4 members; default; n a power of two) or 'random' "
                         "(make_codebook's)")
+    c.add_argument("--exclude-classes", default=None, metavar="A,B,...",
+                   help="leave these classes out of the data (the paper's Figure 1b: 5,7,9)")
     c.add_argument("--classifier", choices=V.CLASSIFIERS, default="svc", help="sklearn classifier")
     c.add_argument("--min-confidence", type=float, default=0.9, help="'confident' classification")
     c.add_argument("--no-lpips", action="store_true", help="Euclidean distance only")

@@ -122,3 +122,21 @@ def test_validate_errors_exit_2(tmp_path: Path, classes_out: Path,
     assert rc == 2
     rc = main(["validate", "classes", "--out", str(tmp_path), *TINY, "--subset", "50"])  # n=8 < 10 classes
     assert rc == 2 and "at most 7 sources" in capsys.readouterr().err
+
+
+def test_classes_without_some_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--exclude-classes (the paper's Figure 1b leaves out 5, 7 and 9): those classes are not
+    trained on, not coded and not ablated; a checkpoint needs the same flag to be reused."""
+    rc = main(["validate", "classes", "--out", str(tmp_path), "--subset", "120", "--samples", "3",
+               "--classifier", "logreg", "--no-lpips", *TINY, "--exclude-classes", "5,7,9"])
+    assert rc == 0
+    r = _report(tmp_path)
+    assert r["classes"] == [f"class:{c}" for c in "0123468"]
+    assert r["excluded_classes"] == "5,7,9" and r["ensemble"]["sources"] == 7
+    assert r["ensemble"]["items"] < 120
+    capsys.readouterr()
+    rc = main(["validate", "classes", "--out", str(tmp_path / "again"), "--checkpoint",
+               str(tmp_path / "ensemble.pt"), "--samples", "1", "--steps", "2", "--no-lpips"])
+    assert rc == 2 and "--exclude-classes" in capsys.readouterr().err
+    rc = main(["validate", "classes", "--out", str(tmp_path), *TINY, "--exclude-classes", "5,x"])
+    assert rc == 2 and "no class x" in capsys.readouterr().err
