@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import socket
 import sys
 import time
 from multiprocessing.process import BaseProcess
 
 import uvicorn
+from prometheus_client import multiprocess
 
 APP = "app.main:create_app"
 STARTUP_FAILURE = 3  # uvicorn's exit status when a server could not start
@@ -50,6 +52,13 @@ def _serve_one(host: str, port: int, log_level: str, access_log: bool) -> None:
         sys.exit(STARTUP_FAILURE)
 
 
+def _forget(pid: int | None) -> None:
+    """Drop a dead process's live gauges from /metrics (its counters stay: they were counted)."""
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        with contextlib.suppress(OSError):
+            multiprocess.mark_process_dead(pid)
+
+
 def serve(processes: int, host: str, port: int, log_level: str, access_log: bool) -> None:
     """Serve the app from ``processes`` processes on host:port until stopped."""
     if not hasattr(socket, "SO_REUSEPORT"):
@@ -58,7 +67,10 @@ def serve(processes: int, host: str, port: int, log_level: str, access_log: bool
         return
     # A port in use fails here, once, with the OS's message (bound, never listening, so no
     # connection is ever queued on it).
-    _socket(host, port, reuse_port=False).close()
+    try:
+        _socket(host, port, reuse_port=False).close()
+    except OSError as exc:
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     ctx = multiprocessing.get_context("spawn")
 
     def start() -> BaseProcess:
@@ -77,6 +89,7 @@ def serve(processes: int, host: str, port: int, log_level: str, access_log: bool
                     raise SystemExit(f"API process {p.pid} could not start (see the log above)")
                 print(f"API process {p.pid} exited with {p.exitcode}; starting another", file=sys.stderr,
                       flush=True)
+                _forget(p.pid)
                 procs[i] = start()
     finally:
         for p in procs:

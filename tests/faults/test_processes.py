@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from models.data import ImageDataset, load_digits
 from models.ensemble import Ensemble
 from models.images import png_bytes
 from models.sampler import make_tape, sample
-from tests.procs import serve, stop, wait_job, wait_until, worker
+from tests.procs import BIN, serve, stop, wait_job, wait_until, worker
 from tests.service.services import fresh_postgres, redis_url
 
 pytestmark = pytest.mark.slow
@@ -313,3 +314,14 @@ def test_serve_with_two_api_processes(base_env: dict[str, str], tmp_path: Path) 
         for pid in apis:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_processes_on_a_busy_port_fail_at_once(base_env: dict[str, str], tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [str(BIN / "attrib"), "serve", "--port", str(port), "--workers", "0", "--api-processes", "2"]
+        r = subprocess.run(cmd, env=base_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
