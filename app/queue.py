@@ -1,7 +1,8 @@
 """The Celery application shared by the API (which only publishes job ids) and the worker.
 
-Embedded default: kombu's filesystem transport in <data_dir>/broker (no server). At scale:
-``BROKER_URL=redis://...``. Results never go through Celery: the job row is the result.
+Embedded default: kombu's filesystem transport (no server) in ``<data_dir>/broker`` or
+``ATTRIB_BROKER_DIR``, with messages that appear whole. At scale: ``BROKER_URL=redis://...``.
+Results never go through Celery: the job row is the result.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def publish(celery: Celery, job_id: str, producer: Any = None) -> None:
 
     The message is Celery's own task message (protocol 2, ``amqp.as_task_v2``), published
     straight to the queue: what ``send_task`` sends, without its per-call routing, signals and
-    argument repr (measured: 182 -> 87 us per message on the filesystem broker, 386 -> 281 us
-    on Redis; the API publishes one per job).
+    argument repr (measured: 182 -> 87 us per message on the filesystem broker in /dev/shm,
+    386 -> 281 us on Redis; about 0.3 ms less server CPU per POST /generate under load).
     """
     msg = celery.amqp.as_task_v2(str(uuid.uuid4()), TASK_NAME, args=[job_id], kwargs={},
                                  argsrepr=repr([job_id]), kwargsrepr="{}")

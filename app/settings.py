@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     auth_cache_s: float = Field(2.0, description="seconds a checked key is remembered (revocation delay)")
     influence_cache_s: float = Field(1.0, ge=0, description="seconds an influence page is reused per API "
                                      "process (a newly finished attribution shows up within it; 0: off)")
-    api_processes: int = Field(1, ge=1, description="HTTP server processes of 'attrib serve' (uvicorn "
-                               "workers); each has its own caches, writer and rate limits; /metrics adds up")
+    api_processes: int = Field(1, ge=1, description="HTTP server processes of 'attrib serve' on its port; "
+                               "each has its own caches, writer and rate limits; /metrics adds them up")
     read_threads: int = Field(2, ge=1, description="threads that run the hot read routes' database work "
                               "at once, per API process (more only contend for the GIL)")
 
