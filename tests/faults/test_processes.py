@@ -1,5 +1,6 @@
 """Faults with real processes, PostgreSQL and Redis: workers SIGKILLed mid-job, a job that
-kills its worker every time, Redis restarted under a batch, PostgreSQL stopped under a batch.
+kills its worker every time, Redis restarted under a batch, PostgreSQL stopped under a batch,
+`attrib serve` stopped by SIGTERM, and its several HTTP processes (one killed, a busy port).
 Each test is bounded in time; lost-job detection is tuned to seconds through settings."""
 
 from __future__ import annotations
