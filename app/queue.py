@@ -103,7 +103,8 @@ def publish(celery: Celery, job_id: str, producer: Any = None) -> None:
     The message is Celery's own task message (protocol 2, ``amqp.as_task_v2``), published
     straight to the queue: what ``send_task`` sends, without its per-call routing, signals and
     argument repr (measured: 182 -> 87 us per message on the filesystem broker in /dev/shm,
-    386 -> 281 us on Redis; about 0.3 ms less server CPU per POST /generate under load).
+    386 -> 281 us on Redis; under load, server CPU per POST /generate fell 1.29-1.37 -> 1.05-1.12
+    ms on PostgreSQL + Redis and 0.73-0.81 -> 0.66-0.72 ms embedded, bench/api.py --quick).
     """
     msg = celery.amqp.as_task_v2(str(uuid.uuid4()), TASK_NAME, args=[job_id], kwargs={},
                                  argsrepr=repr([job_id]), kwargsrepr="{}")

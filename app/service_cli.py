@@ -320,8 +320,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         worker = subprocess.Popen(worker_command(args.workers, args.loglevel.upper()),
                                   start_new_session=True)
     url = f"http://{args.host}:{args.port}"
+    processes = args.api_processes or settings.api_processes
     _log(f"serving {url} (docs {url}/docs); database {settings.database_url}; broker {settings.broker_url}"
-         f"; {args.api_processes or settings.api_processes} API process(es)"
+         f"; {processes} API process(es)"
          + (f"; {args.workers} worker process(es)" if worker else "; no worker (start 'attrib worker')"))
     key = "$OPERATOR_KEY"
     keys_file = settings.data_dir / "demo-keys.json"
@@ -333,7 +334,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # uvicorn re-raises the SIGTERM it shut down on; with the default action the process would
     # die on the spot and leave its worker running. As an exception, the worker is stopped below.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    processes = args.api_processes or settings.api_processes
     metrics_dir = None
     try:
         if processes == 1:
