@@ -94,7 +94,11 @@ def test_fidelity_and_broken_control(tmp_path: Path) -> None:
     sub = tmp_path / "sub"
     assert main(["validate", "fidelity", "--out", str(sub), "--checkpoint", str(good / "ensemble.pt"),
                  "--samples", "1", "--steps", "3", "--sources", "5", "--top", "3", "--device", "cpu"]) == 0
-    assert 5 <= _report(sub)["per_sample"][0]["candidates"] <= 11
+    rs = _report(sub)
+    assert 5 <= rs["per_sample"][0]["candidates"] <= 11
+    # screen-then-verify depths: 2k and `--top`, deeper than k, never deeper than the top list
+    assert set(r["summary"]["verified"]) == {"20", "50"}
+    assert rs["summary"]["verified"] == {}
 
 
 def test_copies_report(tmp_path: Path) -> None:
@@ -140,3 +144,24 @@ def test_classes_without_some_classes(tmp_path: Path, capsys: pytest.CaptureFixt
     assert rc == 2 and "--exclude-classes" in capsys.readouterr().err
     rc = main(["validate", "classes", "--out", str(tmp_path), *TINY, "--exclude-classes", "5,x"])
     assert rc == 2 and "no class x" in capsys.readouterr().err
+
+
+def test_validators_take_npz_data(tmp_path: Path) -> None:
+    """Issue 4's "same commands on .npz data, sizes are flags": an MNIST-style .npz (uint8
+    images, labels) goes through --data with no other change, for both granularities."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    npz = tmp_path / "small.npz"
+    np.savez(npz, images=(d.images[:200] * 255 / 16).round().astype(np.uint8), labels=d.target[:200])
+    out = tmp_path / "classes"
+    assert main(["validate", "classes", "--out", str(out), "--data", str(npz), "--samples", "2",
+                 "--classifier", "logreg", "--no-lpips", *TINY, "--n", "16"]) == 0
+    r = _report(out)
+    assert r["ensemble"]["dataset"] == "small" and r["ensemble"]["items"] == 200
+    assert r["classes"] == [f"class:{c}" for c in range(10)]
+    out = tmp_path / "copies"
+    assert main(["validate", "copies", "--out", str(out), "--data", str(npz), "--subset", "30",
+                 "--samples", "2", *TINY]) == 0
+    r = _report(out)
+    assert r["ensemble"]["dataset"] == "small" and r["ensemble"]["items"] == 30

@@ -85,6 +85,21 @@ def test_ranking_agreement_by_hand() -> None:
     assert ag["pearson"] == pytest.approx(stats.pearsonr(score, exact).statistic)
 
 
+def test_verified_recall_by_hand() -> None:
+    exact = np.arange(20.0)  # candidate 19 is the most influential
+    score = -exact.copy()  # the screen ranks exactly backwards, except that ...
+    score[[15, 16, 17, 18, 19]] += 100.0  # ... it puts the exact top 5 first
+    assert V.ranking_agreement(score, exact, k=5)["recall_at_k"] == 1.0
+    score[19] = -50.0  # the screen now misses the exact best: it ranks last
+    assert V.verified_recall(score, exact, k=5, depth=5) == 4 / 5
+    assert V.verified_recall(score, exact, k=5, depth=19) == 4 / 5  # 19 is screened out
+    assert V.verified_recall(score, exact, k=5, depth=20) == 1.0  # depth reaches it
+    # verification re-ranks by exact: a wrong order inside the screen does not matter
+    wrong = np.array([0.0, 9.0, 8.0, 7.0, 6.0, 5.0])
+    assert V.verified_recall(wrong, np.arange(6.0), k=2, depth=6) == 1.0
+    assert V.verified_recall(wrong, np.arange(6.0), k=2, depth=2) == 0.0
+
+
 # ----------------------------------------------------------------------------- class control
 def test_balanced_codes() -> None:
     from models.codes import unpack_bits, validate_codes
@@ -185,6 +200,14 @@ def test_fidelity_stats_match_scipy_and_random_scores_fail(fid: V.Fidelity) -> N
                for b in range(3)]
     assert st["summary"]["synthetic"]["median_recall_at_k"] == pytest.approx(np.median(recalls))
     assert st["summary"]["median_rel_err"] == pytest.approx(np.median(np.concatenate(fid.rel_err)))
+    # screen-then-verify: an independent re-ranking of the synthetic top 20 by exact distance
+    ver = []
+    for b in range(3):
+        screen = np.argsort(-fid.synthetic[b])[:20]
+        top = screen[np.argsort(-fid.exact[b][screen])[:10]]
+        ver.append(len(set(top) & set(np.argsort(-fid.exact[b])[:10])) / 10)
+    assert st["summary"]["verified"]["20"]["median_recall_at_k"] == pytest.approx(np.median(ver))
+    assert all(v >= r for v, r in zip(ver, recalls, strict=True))  # verifying deeper never loses
     # a deliberately broken attribution: random scores must fail the thresholds
     rng = np.random.default_rng(0)
     broken = dataclasses.replace(fid, synthetic=[rng.random(len(e)) for e in fid.exact])
