@@ -439,7 +439,8 @@ def add_parser(sub: Any) -> None:
                         "(make_codebook's)")
     c.add_argument("--exclude-classes", default=None, metavar="A,B,...",
                    help="leave these classes out of the data (the paper's Figure 1b: 5,7,9)")
-    c.add_argument("--classifier", choices=V.CLASSIFIERS, default="svc", help="sklearn classifier")
+    c.add_argument("--classifier", choices=V.CLASSIFIERS, default="svc",
+                   help="svc (default), logreg, mlp (scikit-learn) or cnn (a small PyTorch CNN)")
     c.add_argument("--min-confidence", type=float, default=0.9, help="'confident' classification")
     c.add_argument("--no-lpips", action="store_true", help="Euclidean distance only")
     c.add_argument("--lpips-random-trunk", action="store_true",

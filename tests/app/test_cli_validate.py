@@ -148,7 +148,8 @@ def test_classes_without_some_classes(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_validators_take_npz_data(tmp_path: Path) -> None:
     """Issue 4's "same commands on .npz data, sizes are flags": an MNIST-style .npz (uint8
-    images, labels) goes through --data with no other change, for both granularities."""
+    images, labels) goes through --data with no other change, for both granularities (the
+    class control here with the small CNN classifier)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -156,9 +157,10 @@ def test_validators_take_npz_data(tmp_path: Path) -> None:
     np.savez(npz, images=(d.images[:200] * 255 / 16).round().astype(np.uint8), labels=d.target[:200])
     out = tmp_path / "classes"
     assert main(["validate", "classes", "--out", str(out), "--data", str(npz), "--samples", "2",
-                 "--classifier", "logreg", "--no-lpips", *TINY, "--n", "16"]) == 0
+                 "--classifier", "cnn", "--no-lpips", *TINY, "--n", "16"]) == 0
     r = _report(out)
     assert r["ensemble"]["dataset"] == "small" and r["ensemble"]["items"] == 200
+    assert r["classifier"]["kind"] == "cnn" and r["classifier"]["n_test"] == 40
     assert r["classes"] == [f"class:{c}" for c in range(10)]
     out = tmp_path / "copies"
     assert main(["validate", "copies", "--out", str(out), "--data", str(npz), "--subset", "30",

@@ -156,6 +156,28 @@ def test_class_ablation_end_to_end(class_ensemble: tuple[Ensemble, torch.Tensor]
         stats.mannwhitneyu(own, others, alternative="greater").pvalue)
 
 
+def test_cnn_classifier_learns_digits_reproducibly() -> None:
+    """The small CNN: a real classifier (held-out accuracy well above chance on the 10 digit
+    classes), probabilities that sum to one, the same model from the same seed, and the
+    global torch RNG left as it was."""
+    ds = load_digits()
+    assert ds.labels is not None
+    x, y = ds.to_tensor(), ds.labels
+    state = torch.random.get_rng_state()
+    clf = V.train_classifier(x, y, kind="cnn", seed=3, cnn_epochs=10)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert clf.kind == "cnn" and clf.accuracy > 0.85 and clf.n_train + clf.n_test == ds.N
+    p = clf.predict_proba(x[:40])
+    assert p.shape == (40, 10)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+    again = V.train_classifier(x, y, kind="cnn", seed=3, cnn_epochs=10)
+    np.testing.assert_array_equal(again.predict_proba(x[:40]), p)
+    other = V.train_classifier(x, y, kind="cnn", seed=4, cnn_epochs=10)
+    assert not np.array_equal(other.predict_proba(x[:40]), p)
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        V.train_classifier(x, y, kind="resnet")
+
+
 def test_class_ablation_refuses_item_granularity(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
     clf = V.train_classifier(tiny_data.x, tiny_data.labels, kind="logreg")
     with pytest.raises(ValueError, match="class-granularity"):
