@@ -185,9 +185,9 @@ def _children(pid: int) -> list[int]:
 
 
 def _snapshot(server_pids: list[int]) -> dict[str, float | None]:
-    cpu = [_proc_cpu_s(p) for p in server_pids]
+    cpu = [c for c in map(_proc_cpu_s, server_pids) if c is not None]
     return {"wall": time.perf_counter(), "client": time.process_time(), "busy": _machine_busy_s(),
-            "server": None if not cpu or None in cpu else sum(c for c in cpu if c is not None)}
+            "server": sum(cpu) if server_pids and len(cpu) == len(server_pids) else None}
 
 
 def _cpu_usage(a: dict[str, float | None], b: dict[str, float | None], requests: int) -> dict[str, Any]:

@@ -506,6 +506,11 @@ def fidelity(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, subset: int | N
                     [rel[s] for s in split], all_sources, examples)
 
 
+def _top(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, ties broken by candidate order (stable sort)."""
+    return np.argsort(-score, kind="stable")[:k]
+
+
 def ranking_agreement(score: np.ndarray, exact: np.ndarray, k: int = 10) -> dict[str, float]:
     """How well ``score`` ranks one sample's candidates by their exact influence.
 
@@ -515,10 +520,9 @@ def ranking_agreement(score: np.ndarray, exact: np.ndarray, k: int = 10) -> dict
     """
     score, exact = np.asarray(score, float), np.asarray(exact, float)
     k = min(k, len(exact))
-    top_s = np.argsort(-score, kind="stable")[:k]
-    top_e = np.argsort(-exact, kind="stable")[:k]
-    out = {"recall_at_k": len(set(top_s.tolist()) & set(top_e.tolist())) / k,
-           "top1_in_exact_topk": float(top_s[0] in set(top_e.tolist())),
+    top_s, top_e = _top(score, k), set(_top(exact, k).tolist())
+    out = {"recall_at_k": len(set(top_s.tolist()) & top_e) / k,
+           "top1_in_exact_topk": float(top_s[0] in top_e),
            "spearman": float("nan"), "pearson": float("nan")}
     if len(exact) >= 3 and np.ptp(exact) > 0 and np.ptp(score) > 0:
         out["spearman"] = float(stats.spearmanr(score, exact).statistic)
@@ -532,10 +536,9 @@ def verified_recall(score: np.ndarray, exact: np.ndarray, k: int, depth: int) ->
     it rises to 1 once ``depth`` reaches down to every exact top-k candidate."""
     score, exact = np.asarray(score, float), np.asarray(exact, float)
     k = min(k, len(exact))
-    screened = np.argsort(-score, kind="stable")[:max(depth, k)]
-    verified = screened[np.argsort(-exact[screened], kind="stable")[:k]]
-    top_e = np.argsort(-exact, kind="stable")[:k]
-    return len(set(verified.tolist()) & set(top_e.tolist())) / k
+    screened = _top(score, max(depth, k))
+    verified = screened[_top(exact[screened], k)]
+    return len(set(verified.tolist()) & set(_top(exact, k).tolist())) / k
 
 
 FIDELITY_TARGETS = {"median_spearman": 0.95, "median_recall_at_k": 0.8}
@@ -575,12 +578,9 @@ def fidelity_stats(res: Fidelity, k: int = 10, targets: dict[str, float] | None 
         summary[m] = {"median_spearman": med(m, "spearman"), "median_pearson": med(m, "pearson"),
                       "median_recall_at_k": med(m, "recall_at_k"), "mean_recall_at_k": mean(m, "recall_at_k"),
                       "frac_top1_in_exact_topk": mean(m, "top1_in_exact_topk")}
-    summary["verified"] = {
-        str(m): {"median_recall_at_k": float(np.median([p["verified_recall_at_k"][str(m)]
-                                                        for p in per_sample])),
-                 "mean_recall_at_k": float(np.mean([p["verified_recall_at_k"][str(m)]
-                                                    for p in per_sample]))}
-        for m in verify_depths}
+    summary["verified"] = {str(m): {"median_recall_at_k": med("verified_recall_at_k", str(m)),
+                                    "mean_recall_at_k": mean("verified_recall_at_k", str(m))}
+                           for m in verify_depths}
     summary["median_rel_err"] = float(np.median(np.concatenate(res.rel_err)))
     summary["median_rel_err_exact_topk"] = float(np.median([p["median_rel_err_exact_topk"]
                                                             for p in per_sample]))
