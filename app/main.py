@@ -35,7 +35,7 @@ from app.db import Database
 from app.deps import BodyCache, KeyCache, RateLimiter, ReadPool
 from app.orm import Job
 from app.queue import make_celery
-from app.routes import operator, works
+from app.routes import operator, validations, works
 from app.settings import Settings, get_settings
 from app.writer import Writer
 
@@ -215,6 +215,10 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
             cap(model, "seeds", "maxItems", most)
             cap(model, "count", "maximum", most)
             cap(model, "steps", "maximum", settings.max_steps)
+        for model in ("ClassesValidation", "FidelityValidation", "CopiesValidation"):
+            cap(model, "samples", "maximum", settings.max_validation_samples)
+            cap(model, "steps", "maximum", settings.max_steps)
+        cap("TrainOptions", "train_steps", "maximum", settings.max_validation_train_steps)
         for model in ("AttributeCreate", "AttributeOptions"):
             cap(model, "top_k", "maximum", settings.max_top_k)
             cap(model, "verify_top_k", "maximum", settings.max_verify_top_k)
@@ -289,6 +293,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
 
     app.include_router(operator.router)
     app.include_router(works.router)
+    app.include_router(validations.router)
     _document_limits(app, settings)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")

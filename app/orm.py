@@ -42,7 +42,7 @@ class Base(DeclarativeBase):
 Timestamp = DateTime(timezone=True)
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
-JOB_KINDS = ("generate", "attribute")
+JOB_KINDS = ("generate", "attribute", "validate")
 
 
 class Image(Base):
@@ -230,7 +230,7 @@ class Job(Base):
     __tablename__ = "job"
     __table_args__ = (
         CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed')", name="status"),
-        CheckConstraint("kind IN ('generate', 'attribute')", name="kind"),
+        CheckConstraint("kind IN ('generate', 'attribute', 'validate')", name="kind"),
         Index("ix_job_status_updated_at", "status", "updated_at"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

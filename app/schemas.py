@@ -123,7 +123,7 @@ class AttributeAccepted(BaseModel):
 
 class JobPublic(BaseModel):
     id: str = Field(description="job id (UUID)")
-    kind: str = Field(description="generate or attribute")
+    kind: str = Field(description="generate, attribute or validate")
     status: Literal["queued", "running", "succeeded", "failed"] = Field(description="life cycle state")
     progress: float = Field(description="0..1")
     error: str | None = Field(description="why it failed, if it did")
@@ -257,3 +257,135 @@ class InfluencePage(BaseModel):
     total: int = Field(description="number of items (all pages)")
     offset: int = Field(description="items skipped")
     limit: int = Field(description="page size")
+
+
+# ------------------------------------------------------------------------ validation
+PresetName = Literal["tiny", "digits", "mnist", "paper"]  # models.ensemble.PRESETS (a test keeps them equal)
+ClassifierName = Literal["svc", "logreg", "mlp", "cnn"]  # models.validate.CLASSIFIERS (likewise)
+
+
+def _flags(model: BaseModel, skip: set[str]) -> list[str]:
+    """`attrib validate` flags of the fields a request gave (``--name value``; booleans as switches)."""
+    out: list[str] = []
+    for name in sorted(model.model_fields_set - skip):
+        v = getattr(model, name)
+        flag = "--" + name.replace("_", "-")
+        if v is None:
+            continue
+        if name == "lpips":
+            out += [] if v else ["--no-lpips"]
+        elif isinstance(v, bool):
+            out += [flag] if v else []
+        elif isinstance(v, list):
+            out += [flag, ",".join(v)] if v else []
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+class TrainOptions(_In):
+    """How the validation trains its ensemble (every field optional: the CLI's defaults)."""
+
+    dataset_id: int | None = Field(None, ge=1, le=MAX_ID, description="train on this registered dataset's "
+                                   "data (default: the embedded digits)")
+    subset: int | None = Field(None, ge=2, description="a random subset of this many items (copies: "
+                               "default 300; not with a dataset that is itself a subset)")
+    subset_seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seed of that subset")
+    preset: PresetName | None = Field(None, description="network preset (default digits)")
+    n: int | None = Field(None, ge=2, le=62, description="ensemble size (default 16); codes have weight n/2")
+    train_steps: int | None = Field(None, ge=1, description="training steps (default the preset's); at "
+                                    "most max_validation_train_steps")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="items per member per step")
+    lr: float | None = Field(None, gt=0, le=1, description="Adam learning rate")
+
+    def flags(self) -> list[str]:
+        return _flags(self, {"dataset_id"})
+
+
+class _ValidationIn(_In):
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of codes, training, classifier and subsets")
+    samples: int | None = Field(None, ge=1, description="generated samples (default classes 1000, "
+                                "fidelity 16, copies 64); at most max_validation_samples")
+    seed_start: int = Field(0, ge=0, le=MAX_SEED_START, description="first sample seed")
+    steps: int | None = Field(None, ge=1, description="sampling steps (default the ensemble's T); at most "
+                              "max_steps")
+    train: TrainOptions | None = Field(None, description="how to train the experiment's ensemble")
+
+    @model_validator(mode="after")
+    def _ensemble_or_train(self) -> _ValidationIn:
+        if getattr(self, "ensemble_id", None) is not None and self.train is not None:
+            raise ValueError("give ensemble_id (use that ensemble as trained) or train, not both")
+        return self
+
+    def options(self) -> list[str]:
+        """The CLI flags of the given fields (all but experiment, ensemble_id, train.dataset_id, which
+        the route turns into --checkpoint / --data)."""
+        own = _flags(self, {"experiment", "ensemble_id", "train"})
+        return own + (self.train.flags() if self.train is not None else [])
+
+
+_ENSEMBLE_OR_TRAIN = {"not": {"required": ["ensemble_id", "train"]}}
+
+
+class ClassesValidation(_ValidationIn):
+    """The class-ablation control (paper Figure 1c): sources are whole classes; trains its ensemble."""
+
+    experiment: Literal["classes"]
+    exclude_classes: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^,\s]+$")]] | None = (
+        Field(None, max_length=100, description="leave these classes out (paper Figure 1b: ['5', '7', '9'])"))
+    classifier: ClassifierName | None = Field(None, description="the classifier (default svc)")
+    codes: Literal["balanced", "random"] | None = Field(None, description="class codes (default balanced: "
+                                                        "Hadamard rows, n a power of two)")
+    min_confidence: float | None = Field(None, gt=0, le=1, description="a 'confident' label (default 0.9)")
+    lpips: bool | None = Field(None, description="false: Euclidean only (default: LPIPS too where its "
+                               "backbone weights are installed; the report says)")
+
+
+class FidelityValidation(_ValidationIn):
+    """Synthetic vs exact influence, and a pixel-similarity baseline."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ENSEMBLE_OR_TRAIN)
+    experiment: Literal["fidelity"]
+    ensemble_id: int | None = Field(None, ge=1, le=MAX_ID, description="a registered ensemble, as trained "
+                                    "(not with train); default: train a fresh one")
+    sources: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
+        None, description="a random N sources per sample plus the top candidates, or 'all' (default 300)")
+    top: int | None = Field(None, ge=1, le=1000, description="top candidates added (default 50)")
+    recall_k: int | None = Field(None, ge=1, le=1000, description="k of recall@k (default 10)")
+    broken: bool | None = Field(None, description="CONTROL: random synthetic scores (must fail the targets)")
+
+
+class CopiesValidation(_ValidationIn):
+    """Copy detection on a small training set (paper Figure 2a)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ENSEMBLE_OR_TRAIN)
+    experiment: Literal["copies"]
+    ensemble_id: int | None = Field(None, ge=1, le=MAX_ID, description="a registered ensemble, as trained "
+                                    "(not with train); default: train a fresh one")
+    copy_ratio: float | None = Field(None, gt=0, le=10, description="near-copy threshold ratio (default 0.5)")
+    top: int | None = Field(None, ge=1, le=1000, description="synthetic top-K kept per sample (default 5)")
+
+ValidationCreate = Annotated[ClassesValidation | FidelityValidation | CopiesValidation,
+                             Field(discriminator="experiment")]
+"""One experiment of `attrib validate`, run by a worker exactly as the CLI runs it."""
+
+
+class ValidationAccepted(BaseModel):
+    job_id: str = Field(description="the validation: GET /validations/{job_id} (or GET /jobs/{job_id})")
+    experiment: str = Field(description="classes, fidelity or copies")
+    url: str = Field(description="where its report will be")
+
+
+class ValidationPublic(BaseModel):
+    job_id: str = Field(description="the job that runs it")
+    experiment: str = Field(description="classes, fidelity or copies")
+    request: dict[str, Any] = Field(description="the request as given")
+    options: list[str] = Field(description="the `attrib validate` flags it runs with (the CLI equivalent)")
+    status: Literal["queued", "running", "succeeded", "failed"] = Field(description="life cycle state")
+    progress: float = Field(description="0..1")
+    error: str | None = Field(description="why it failed, if it did")
+    passed: bool | None = Field(description="whether every target of the experiment was met (once done)")
+    report: dict[str, Any] | None = Field(description="the report (what the CLI writes to report.json)")
+    figures: dict[str, str] = Field(description="figure name -> URL of its PNG")
+    created_at: Time = Field(description="when it was requested (UTC)")
+    finished_at: Time | None = Field(description="when it finished (UTC), if it has")

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_verify_top_k: int = 10
     max_body_bytes: int = 1_000_000
     max_page_size: int = 500
+    max_validation_samples: int = Field(2000, description="samples of one validation job (POST /validations)")
+    max_validation_train_steps: int = Field(20_000, description="training steps of one validation job")
 
     # Per-key rate limit on the expensive routes (POST /generate, /attribute, /batches): a token
     # bucket of `rate_limit_burst` requests refilled at `rate_limit_per_minute`; 0 = off.
@@ -67,7 +69,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         for name in ("max_seeds_per_request", "max_batch_seeds", "max_steps", "max_top_k", "max_body_bytes",
-                     "max_page_size", "job_max_attempts", "generate_chunk"):
+                     "max_page_size", "max_validation_samples", "max_validation_train_steps",
+                     "job_max_attempts", "generate_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not self.database_url:

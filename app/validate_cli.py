@@ -24,7 +24,7 @@ from app.cli import CLIError, _device, _load_data, _load_ensemble, _log
 from models import plots
 from models import validate as V
 from models.codes import CapacityError, CodeBook, default_k, make_codebook
-from models.data import ImageDataset
+from models.data import DatasetError, ImageDataset
 from models.distances import LPIPSMetric, LPIPSUnavailable, load_lpips
 from models.ensemble import PRESETS, DatasetInfo, Ensemble
 from models.sampler import make_tape
@@ -35,13 +35,17 @@ COPY_TARGET = 0.9
 
 
 class _Progress:
-    """One tqdm bar per stage on stderr (none with --json)."""
+    """One tqdm bar per stage on stderr (none with --json); each report also goes to
+    ``forward`` when given (a service job's progress)."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, forward: V.ProgressFn | None = None) -> None:
         self.quiet = quiet
+        self.forward = forward
         self.bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.forward is not None:
+            self.forward(stage, done, total)
         if self.quiet:
             return
         from tqdm import tqdm
@@ -65,7 +69,13 @@ def _ensemble(args: argparse.Namespace, granularity: str, device: torch.device,
             raise CLIError(f"{args.checkpoint} has {ens.codebook.granularity} granularity; this "
                            f"validation needs an ensemble trained with --granularity {granularity}")
         spec = args.data if args.data_given else ens.dataset.spec
-        ds = _without_classes(_load_data(spec, ens.dataset.subset, ens.dataset.subset_seed), args)
+        if not spec:
+            raise CLIError(f"{args.checkpoint} does not record the data it was trained on; give --data")
+        try:
+            data = _load_data(spec, ens.dataset.subset, ens.dataset.subset_seed)
+        except DatasetError as exc:
+            raise CLIError(f"cannot load the training data of {args.checkpoint} ({spec!r}): {exc}") from exc
+        ds = _without_classes(data, args)
         if ds.fingerprint() != ens.dataset.fingerprint:
             hint = " (and the same --exclude-classes)" if granularity == "class" else ""
             raise CLIError(f"data {spec!r}{hint} is not the data {args.checkpoint} was trained on")
@@ -155,20 +165,22 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _finish(args: argparse.Namespace, report: dict[str, Any], summary: str) -> None:
+def _finish(args: argparse.Namespace, report: dict[str, Any], summary: str) -> dict[str, Any]:
     out = Path(args.out)
     report = _clean(report)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report) if args.json else f"{summary}\nwrote {out / 'report.json'}")
+    if not getattr(args, "silent", False):
+        print(json.dumps(report) if args.json else f"{summary}\nwrote {out / 'report.json'}")
+    return report
 
 
 def _start(args: argparse.Namespace) -> tuple[torch.device, _Progress, float]:
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    return _device(args.device), _Progress(args.json), time.perf_counter()
+    return _device(args.device), _Progress(args.json, getattr(args, "forward", None)), time.perf_counter()
 
 
 # ------------------------------------------------------------------------ classes
-def cmd_classes(args: argparse.Namespace) -> None:
+def cmd_classes(args: argparse.Namespace) -> dict[str, Any]:
     device, progress, t0 = _start(args)
     ens, ds, ens_extra = _ensemble(args, "class", device, progress)
     tape, steps = _tape(args, ens)
@@ -224,7 +236,7 @@ def cmd_classes(args: argparse.Namespace) -> None:
                          **{name: d.tolist() for name, d in dists.items()}}
     _classes_figures(args, res, dists, stats, keys)
     l2 = stats["l2"]
-    _finish(args, report,
+    return _finish(args, report,
             f"{len(pred)} samples, classifier accuracy {clf.accuracy:.3f}: predicted class largest (L2) "
             f"in {l2['frac_largest']:.3f} (confident: {l2['frac_largest_confident']:.3f} of "
             f"{l2['n_confident']}), Mann-Whitney log10 p = {l2['mann_whitney']['log10_p']:.1f}"
@@ -269,7 +281,7 @@ def _classes_figures(args: argparse.Namespace, res: V.ClassAblation, dists: dict
 
 
 # ------------------------------------------------------------------------ fidelity
-def cmd_fidelity(args: argparse.Namespace) -> None:
+def cmd_fidelity(args: argparse.Namespace) -> dict[str, Any]:
     subset = None if args.sources == "all" else _positive_int(args.sources, "--sources")
     device, progress, t0 = _start(args)
     ens, ds, ens_extra = _ensemble(args, args.granularity, device, progress)
@@ -297,7 +309,7 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     }
     _fidelity_figures(args, res, st, ds, ens.codebook)
     s, p = st["summary"]["synthetic"], st["summary"]["pixel"]
-    _finish(args, report,
+    return _finish(args, report,
             f"{len(res.seeds)} samples: synthetic median Spearman {s['median_spearman']:.3f}, "
             f"recall@{args.recall_k} {s['median_recall_at_k']:.2f}, top-1 in exact top-{args.recall_k} "
             f"{s['frac_top1_in_exact_topk']:.2f}; pixel baseline {p['median_spearman']:.3f} / "
@@ -348,7 +360,7 @@ def _fidelity_figures(args: argparse.Namespace, res: V.Fidelity, st: dict[str, A
 
 
 # ------------------------------------------------------------------------ copies
-def cmd_copies(args: argparse.Namespace) -> None:
+def cmd_copies(args: argparse.Namespace) -> dict[str, Any]:
     device, progress, t0 = _start(args)
     ens, ds, ens_extra = _ensemble(args, "item", device, progress)
     tape, steps = _tape(args, ens)
@@ -374,7 +386,7 @@ def cmd_copies(args: argparse.Namespace) -> None:
         "figures": ["copies.png"],
     }
     _copies_figure(args, res, st, ens, x_train)
-    _finish(args, report,
+    return _finish(args, report,
             f"{len(res.seeds)} samples, {st['n_copies']} near-copies (nearest training image within "
             f"{st['threshold']:.3f}): top-1 attribution is the copied image in {rate:.3f} of them "
             f"({st['top1_rate_all']:.3f} of all samples; {seconds:.0f} s)")
@@ -400,7 +412,8 @@ def add_parser(sub: Any) -> None:
     """Register `validate` with its sub-commands on the `attrib` sub-parser set ``sub``."""
     v = sub.add_parser("validate", help="acceptance experiments: class control, fidelity, copies",
                        description="Validation experiments. Each writes report.json and PNG "
-                                   "figures into --out DIR.")
+                                   "figures into --out DIR. The service runs the same as jobs: "
+                                   "POST /validations.")
     vs = v.add_subparsers(dest="experiment", required=True)
 
     def common(sp: argparse.ArgumentParser, *, data: str = "digits", subset: int | None = None,
@@ -483,10 +496,36 @@ def add_parser(sub: Any) -> None:
 def _run(fn: Any) -> Any:
     """Resolve the --data default (remembering whether it was given) before ``fn``."""
 
-    def wrapped(args: argparse.Namespace) -> None:
+    def wrapped(args: argparse.Namespace) -> dict[str, Any]:
         args.data_given = args.data is not None
         if args.data is None:
             args.data = args.default_data
-        fn(args)
+        return fn(args)  # type: ignore[no-any-return]
 
     return wrapped
+
+
+# ------------------------------------------------------------------------ in-process
+STAGES = {"classes": ("sample", "exact"), "fidelity": ("jacobian", "exact"), "copies": ("jacobian",)}
+"""The progress stages of each experiment after training ("train", when it trains)."""
+
+
+def run(experiment: str, options: list[str], out: Path, device: str = "auto",
+        progress: V.ProgressFn | None = None) -> dict[str, Any]:
+    """``attrib validate EXPERIMENT --out OUT --device DEVICE OPTIONS...`` in this process,
+    printing nothing: the service's validation jobs run exactly what the CLI runs. Returns the
+    report (as written to OUT/report.json; its ``figures`` are files in OUT). Bad options or data
+    raise CLIError (or DatasetError) with the CLI's message; ``progress(stage, done, total)``
+    as in models.validate, "train" first when it trains."""
+    if experiment not in STAGES:
+        raise CLIError(f"unknown experiment {experiment!r} (one of {', '.join(STAGES)})")
+    parser = argparse.ArgumentParser(prog="attrib", exit_on_error=False)
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    try:
+        args = parser.parse_args(["validate", experiment, "--out", str(out), "--device", device, "--json",
+                                  *options])
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise CLIError(f"invalid options {options!r} for validate {experiment}") from exc
+    args.silent, args.forward = True, progress
+    report: dict[str, Any] = args.func(args)
+    return report

@@ -9,13 +9,17 @@ the job succeeded, images are inserted only when absent.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -242,7 +246,50 @@ def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, jo
     return result
 
 
+# --------------------------------------------------------------------------- validate
+def run_validate(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
+    """Run `attrib validate EXPERIMENT OPTIONS...` (app.validate_cli.run) in a folder of its own
+    under ``data_dir/validations`` and store its report and PNG figures with the job. A retried
+    job starts again from nothing."""
+    from app.cli import CLIError
+    from app.validate_cli import STAGES, run
+    from models.data import DatasetError
+
+    experiment, options = str(job.payload["experiment"]), [str(o) for o in job.payload["options"]]
+    out = cache.settings.data_dir / "validations" / job.id
+    shutil.rmtree(out, ignore_errors=True)
+    stages = (() if "--checkpoint" in options else ("train",)) + STAGES.get(experiment, ())
+    last = [0.0, 0.0]  # progress, time: the job row is touched at most every 0.5 % or 2 s
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in stages:
+            return
+        p = 0.02 + 0.96 * (stages.index(stage) + done / max(total, 1)) / len(stages)
+        now = time.monotonic()
+        if p - last[0] >= 0.005 or (p > last[0] and now - last[1] >= 2.0):
+            last[:] = [p, now]
+            progress(p)
+
+    try:
+        report = run(experiment, options, out, cache.settings.device, on_progress)
+    except (CLIError, DatasetError) as exc:
+        raise JobError(f"validate {experiment}: {exc}") from exc
+    with db.session() as s:
+        figures = {}
+        for name in report.get("figures", []):
+            if not (out / name).is_file():  # e.g. fidelity_images.png needs an example to show
+                continue
+            png = (out / name).read_bytes()
+            with PILImage.open(io.BytesIO(png)) as im:
+                figures[name] = put_image(s, png, im.width, im.height)
+        result = {"experiment": experiment, "passed": report.get("passed"), "report": report,
+                  "figures": figures, "folder": str(out.resolve())}
+        jobs.finish(s, job.id, result)
+    return result
+
+
 RUNNERS: dict[str, Callable[[Database, EngineCache, Job, Progress], dict[str, Any]]] = {
     "generate": run_generate,
     "attribute": run_attribute,
+    "validate": run_validate,
 }

@@ -63,7 +63,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorPublic, "description": "rate limit of the key exceeded (POST routes): Retry-After"},
     503: {"model": ErrorPublic, "description": "the database is unavailable"},
 }
-PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
     "optional: a retried request with the same key returns the first request's job"))]
 MAX_ID = 2**31 - 1  # integer primary keys (PostgreSQL int4)

@@ -4,7 +4,7 @@ filesystem broker, no servers) and once on PostgreSQL + Redis with two workers. 
 give byte-identical images for the same (ensemble, seed, steps).
 
 generate -> attribute (exact verification of the top 3) -> a rights holder finds the
-generation under their work's influence.
+generation under their work's influence -> a validation job (fidelity of the served ensemble).
 """
 
 from __future__ import annotations
@@ -69,8 +69,20 @@ def run_flow(env: dict[str, str], cli_ckpt: Path, tmp: Path, separate_workers: i
             r = c.get(f"/works/{top['training_item_id']}/influence",
                       headers={"Authorization": f"Bearer {other}"})
             assert r.status_code == 404
+
+            # A validation job: fidelity of the served ensemble, on a worker process.
+            ens_id = c.get(f"/generations/{gen_ids[0]}", headers=op).json()["ensemble_id"]
+            r = c.post("/validations", json={"experiment": "fidelity", "ensemble_id": ens_id, "samples": 1,
+                                             "steps": 4, "sources": "all", "recall_k": 3}, headers=op)
+            assert r.status_code == 202, r.text
+            assert wait_job(c, r.json()["job_id"], op)["status"] == "succeeded"
+            v = c.get(r.json()["url"], headers=op).json()
+            assert v["report"]["per_sample"][0]["candidates"] == 60 and v["report"]["k"] == 3
+            assert c.get(v["figures"]["fidelity.png"], headers=op).content[:4] == b"\x89PNG"
+
             m = c.get("/metrics").text
             assert 'attrib_jobs{kind="attribute",status="succeeded"} 1.0' in m
+            assert 'attrib_jobs{kind="validate",status="succeeded"} 1.0' in m
     finally:
         stop(procs)
 

@@ -1,0 +1,122 @@
+"""Validation experiments as jobs: POST /validations runs one `attrib validate` experiment on a
+worker (the same code and flags as the CLI); GET /validations/{job_id} gives its report and figures.
+
+Handlers only check the request and write the job; the worker trains, samples, ablates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Path, Response
+
+from app import jobs
+from app.deps import LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
+from app.orm import Dataset, EnsembleRow, Image, Job
+from app.routes.operator import ERRORS, PNG, IdempotencyKey, JobId, _key_in_use, _replay, limit, png_response
+from app.schemas import ValidationAccepted, ValidationCreate, ValidationPublic
+from app.writer import Tx
+
+router = APIRouter(tags=["validation"], responses=ERRORS)
+
+
+@router.post("/validations", status_code=202, response_model=ValidationAccepted,
+             summary="Run a validation experiment (asynchronously)")
+async def create_validation(body: ValidationCreate, _: LimitedOperatorDep, writer: WriterDep,
+                            settings: SettingsDep,
+                            idempotency_key: IdempotencyKey = None) -> ValidationAccepted:
+    """Queues `attrib validate EXPERIMENT` with the given fields as its flags. A worker trains the
+    experiment's ensemble (or uses `ensemble_id`'s), runs it and stores the report and its PNG
+    figures: poll `GET /validations/{job_id}`. Minutes on a CPU at the default sizes."""
+    if body.samples is not None:
+        limit("max_validation_samples", body.samples, settings, "samples")
+    if body.train is not None and body.train.train_steps is not None:
+        limit("max_validation_train_steps", body.train.train_steps, settings, "train.train_steps")
+    if body.steps is not None:
+        limit("max_steps", body.steps, settings, "steps")
+    return await writer.run(lambda tx: _create(tx, body, idempotency_key))
+
+
+def _create(tx: Tx, body: ValidationCreate, idempotency_key: str | None) -> ValidationAccepted:
+    s = tx.s
+    old = _replay(s, idempotency_key, "validate")
+    if old is None:
+        options = _data_options(tx, body) + body.options()
+        with _key_in_use(idempotency_key):
+            payload = {"experiment": body.experiment, "options": options,
+                       "request": body.model_dump(mode="json", exclude_unset=True)}
+            job_id = jobs.new_job(s, "validate", payload, idempotency_key=idempotency_key)
+        tx.publish.append(job_id)
+    else:
+        job_id = old.id
+    return ValidationAccepted(job_id=job_id, experiment=str(body.experiment), url=f"/validations/{job_id}")
+
+
+def _data_options(tx: Tx, body: ValidationCreate) -> list[str]:
+    """--checkpoint of ensemble_id, or --data/--subset of dataset_id (paths never come from a request)."""
+    s = tx.s
+    ensemble_id = getattr(body, "ensemble_id", None)
+    if ensemble_id is not None:
+        ens = s.get(EnsembleRow, ensemble_id)
+        if ens is None:
+            raise HTTPException(404, f"ensemble {ensemble_id} not found")
+        if ens.status != "ready":
+            raise HTTPException(409, f"ensemble {ens.id} is {ens.status}, not ready")
+        return ["--checkpoint", ens.checkpoint]
+    train = body.train
+    if train is None or train.dataset_id is None:
+        return []
+    ds = s.get(Dataset, train.dataset_id)
+    if ds is None:
+        raise HTTPException(404, f"dataset {train.dataset_id} not found")
+    spec = ds.spec or {}
+    if not isinstance(spec.get("data"), str):
+        raise HTTPException(409, f"dataset {ds.id} ({ds.name}) has no data source to train on")
+    out = ["--data", spec["data"]]
+    if spec.get("subset") is not None:
+        if train.subset is not None:
+            raise HTTPException(409, f"dataset {ds.id} ({ds.name}) is itself a subset of {spec['data']!r}; "
+                                "leave out train.subset (or register the whole data)")
+        out += ["--subset", str(int(spec["subset"])), "--subset-seed", str(int(spec.get("subset_seed") or 0))]
+    return out
+
+
+def _public(job: Job) -> ValidationPublic:
+    result = job.result or {}
+    report = result.get("report")
+    return ValidationPublic(
+        job_id=job.id, experiment=str(job.payload["experiment"]), request=job.payload.get("request", {}),
+        options=list(job.payload["options"]), status=job.status,  # type: ignore[arg-type]
+        progress=job.progress, error=job.error,
+        passed=None if report is None else bool(report.get("passed")), report=report,
+        figures={name: f"/validations/{job.id}/figures/{name}" for name in result.get("figures", {})},
+        created_at=job.created_at, finished_at=job.finished_at)
+
+
+def _validation(s: Any, job_id: str) -> Job:
+    job = s.get(Job, job_id)
+    if job is None or job.kind != "validate":
+        raise HTTPException(404, f"validation {job_id} not found")
+    return job  # type: ignore[no-any-return]
+
+
+@router.get("/validations/{job_id}", response_model=ValidationPublic, summary="A validation and its report")
+def get_validation(job_id: JobId, _: OperatorDep, s: SessionDep) -> ValidationPublic:
+    return _public(_validation(s, job_id))
+
+
+@router.get("/validations/{job_id}/figures/{name}", responses=PNG, response_class=Response,
+            summary="A figure of a finished validation")
+def get_validation_figure(job_id: JobId, _: OperatorDep, s: SessionDep,
+                          name: str = Path(max_length=100, description="a figure name, e.g. copies.png")
+                          ) -> Response:
+    job = _validation(s, job_id)
+    sha = (job.result or {}).get("figures", {}).get(name)
+    if sha is None:
+        raise HTTPException(404, f"validation {job_id} has no figure {name!r}"
+                            + ("" if job.status == "succeeded" else f" (it is {job.status})"))
+    img = s.get(Image, sha)
+    if img is None:
+        raise HTTPException(404, f"figure {name!r} of validation {job_id} is missing")
+    return png_response(img.png)
+

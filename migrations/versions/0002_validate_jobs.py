@@ -1,0 +1,33 @@
+"""validation jobs: job.kind may be 'validate'
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-29 05:10:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def _kinds(kinds: str) -> None:
+    # batch mode: SQLite rebuilds the table, PostgreSQL alters it in place
+    with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_job_kind"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_job_kind"), f"kind IN ({kinds})")
+
+
+def upgrade() -> None:
+    _kinds("'generate', 'attribute', 'validate'")
+
+
+def downgrade() -> None:
+    op.execute("DELETE FROM job WHERE kind = 'validate'")
+    _kinds("'generate', 'attribute'")

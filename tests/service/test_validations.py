@@ -1,0 +1,215 @@
+"""Validation experiments as service jobs (issue 4: "the same as worker jobs"): POST /validations
+queues `attrib validate ...`, a worker runs it, GET /validations/{id} serves the report and figures.
+The job's report is checked against the CLI run in-process with the same flags."""
+
+from __future__ import annotations
+
+import io
+import json
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from app.cli import main
+from app.orm import Dataset, EnsembleRow, Job
+from app.registry import import_dataset, register_ensemble
+from app.schemas import ClassifierName, PresetName
+from models.data import load_digits
+from models.ensemble import PRESETS, Ensemble
+from models.validate import CLASSIFIERS
+from tests.service.conftest import Service
+
+TINY_TRAIN = {"preset": "tiny", "n": 8, "train_steps": 6}
+TIMING = ("seconds", "total_seconds")
+
+
+def post(svc: Service, body: dict, **headers: str) -> dict:
+    r = svc.client.post("/validations", json=body, headers={**svc.op(), **headers})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def get(svc: Service, job_id: str) -> dict:
+    r = svc.client.get(f"/validations/{job_id}", headers=svc.op())
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def comparable(report: dict) -> dict:
+    """The report without what differs between two runs of the same experiment: timings and
+    the folder the trained ensemble was written to."""
+    r = {k: v for k, v in report.items() if k not in TIMING}
+    r["ensemble"] = {k: v for k, v in r["ensemble"].items() if k not in ("checkpoint", "train_seconds")}
+    return r
+
+
+def test_copies_job_runs_what_the_cli_runs(svc: Service, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    body = {"experiment": "copies", "samples": 4, "steps": 4, "top": 3, "train": {"subset": 40, **TINY_TRAIN}}
+    acc = post(svc, body)
+    assert acc["url"] == f"/validations/{acc['job_id']}" and acc["experiment"] == "copies"
+    v = get(svc, acc["job_id"])
+    assert v["status"] == "queued" and v["report"] is None and v["passed"] is None and v["figures"] == {}
+    assert v["request"] == body
+    flags = v["options"]
+    assert flags == ["--samples", "4", "--steps", "4", "--top", "3",
+                     "--n", "8", "--preset", "tiny", "--subset", "40", "--train-steps", "6"]
+    r = svc.client.get(f"/validations/{acc['job_id']}/figures/copies.png", headers=svc.op())
+    assert r.status_code == 404 and "queued" in r.json()["detail"]
+
+    assert svc.run_jobs() == ["succeeded"]
+    v = get(svc, acc["job_id"])
+    assert v["status"] == "succeeded" and v["progress"] == 1.0 and v["error"] is None
+    rep = v["report"]
+    assert rep["experiment"].startswith("copy detection") and rep["samples"] == 4
+    assert rep["ensemble"]["items"] == 40 and rep["ensemble"]["n"] == 8
+    assert v["passed"] is rep["passed"]
+    folder = svc.settings.data_dir / "validations" / acc["job_id"]
+    assert json.loads((folder / "report.json").read_text()) == rep
+    assert rep["ensemble"]["checkpoint"] == str(folder / "ensemble.pt")
+    assert set(v["figures"]) == {"copies.png"}
+    png = svc.client.get(v["figures"]["copies.png"], headers=svc.op())
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content == (folder / "copies.png").read_bytes()
+    with PILImage.open(io.BytesIO(png.content)) as im:
+        assert im.size[0] > 100
+    job = svc.client.get(f"/jobs/{acc['job_id']}", headers=svc.op()).json()
+    assert job["kind"] == "validate" and job["result"]["report"] == rep
+
+    # The CLI with the flags the job shows gives the same report (training is seeded).
+    out = tmp_path / "cli"
+    assert main(["validate", "copies", "--out", str(out), "--device", "cpu", "--json", *flags]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert comparable(cli) == comparable(rep)
+
+
+def test_fidelity_on_a_registered_ensemble(svc: Service, cli_ckpt: Path) -> None:
+    """An ensemble trained by `attrib train` (its checkpoint names its data), imported and registered."""
+    with svc.db.session() as s:
+        import_dataset(s, load_digits().sample(60, 0), "digits-60", {"data": "digits", "subset": 60})
+        ens_id = register_ensemble(s, Ensemble.load(cli_ckpt), cli_ckpt, "cli").id
+    ckpt = str(cli_ckpt.resolve())
+    acc = post(svc, {"experiment": "fidelity", "ensemble_id": ens_id, "samples": 2, "steps": 4,
+                     "sources": "all", "recall_k": 3, "top": 6})
+    assert get(svc, acc["job_id"])["options"][:2] == ["--checkpoint", ckpt]
+    assert svc.run_jobs() == ["succeeded"], get(svc, acc["job_id"])["error"]
+    v = get(svc, acc["job_id"])
+    rep = v["report"]
+    assert rep["ensemble"]["checkpoint"] == ckpt and rep["candidates"] == "all sources"
+    assert rep["k"] == 3 and len(rep["per_sample"]) == 2
+    assert rep["ensemble"]["sources"] == rep["per_sample"][0]["candidates"]
+    assert "fidelity.png" in v["figures"]
+    assert svc.client.get(v["figures"]["fidelity.png"], headers=svc.op()).status_code == 200
+
+
+def test_an_ensemble_whose_data_cannot_be_reloaded_fails_clearly(svc: Service) -> None:
+    with svc.db.session() as s:  # the fixture's ensemble: built in code, no data spec in it
+        ens_id = s.scalars(select(EnsembleRow)).one().id
+    acc = post(svc, {"experiment": "copies", "ensemble_id": ens_id, "samples": 1})
+    assert svc.run_jobs() == ["failed"]
+    assert "does not record the data it was trained on" in get(svc, acc["job_id"])["error"]
+
+
+def test_bad_options_fail_the_job_with_the_cli_message(svc: Service) -> None:
+    acc = post(svc, {"experiment": "classes", "exclude_classes": ["5", "x"], "samples": 2, "steps": 4,
+                     "train": TINY_TRAIN})
+    assert "--exclude-classes" in get(svc, acc["job_id"])["options"]
+    assert svc.run_jobs() == ["failed"]
+    v = get(svc, acc["job_id"])
+    assert v["status"] == "failed" and "no class x" in v["error"] and v["report"] is None
+
+
+def test_dataset_id_trains_on_its_data(svc: Service) -> None:
+    with svc.db.session() as s:
+        ds = s.scalars(select(Dataset)).one()
+        sub = Dataset(name="digits-100-7", channels=1, height=8, width=8, item_count=100,
+                      spec={"data": "digits", "subset": 100, "subset_seed": 7}, fingerprint="x" * 64)
+        s.add(sub)
+        s.flush()
+        ds_id, sub_id = ds.id, sub.id
+    acc = post(svc, {"experiment": "copies", "train": {"dataset_id": ds_id, "subset": 30, "subset_seed": 2}})
+    assert get(svc, acc["job_id"])["options"] == ["--data", "digits", "--subset", "30", "--subset-seed", "2"]
+    acc = post(svc, {"experiment": "fidelity", "train": {"dataset_id": sub_id}})
+    assert get(svc, acc["job_id"])["options"] == ["--data", "digits", "--subset", "100", "--subset-seed", "7"]
+    body = {"experiment": "fidelity", "train": {"dataset_id": sub_id, "subset": 50}}
+    r = svc.client.post("/validations", json=body, headers=svc.op())
+    assert r.status_code == 409 and "itself a subset" in r.json()["detail"]
+
+
+def test_idempotency_key(svc: Service) -> None:
+    h = {"Idempotency-Key": "val-1"}
+    a, b = post(svc, {"experiment": "copies"}, **h), post(svc, {"experiment": "copies"}, **h)
+    assert a == b
+    with svc.db.session() as s:
+        assert len(s.scalars(select(Job)).all()) == 1
+    r = svc.client.post("/generate", json={"seeds": [1]}, headers={**svc.op(), **h})
+    assert r.status_code == 409 and "val-1" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"experiment": "copies", "classifier": "svc"}, "classifier"),
+    ({"experiment": "fidelity", "copy_ratio": 0.3}, "copy_ratio"),
+    ({"experiment": "classes", "sources": 10}, "sources"),
+    ({"experiment": "classes", "ensemble_id": 1}, "ensemble_id"),
+    ({"experiment": "fidelity", "ensemble_id": 1, "train": {"train_steps": 5}}, "not both"),
+    ({"experiment": "copies", "ensemble_id": 1, "train": {}}, "not both"),
+    ({"experiment": "fidelity", "train": {"k": 8}}, "k"),
+    ({"experiment": "fidelity", "train": {"n": 1}}, "n"),
+    ({"experiment": "fidelity", "sources": 0}, "sources"),
+    ({"experiment": "fidelity", "sources": "some"}, "sources"),
+    ({"experiment": "copies", "train": {"preset": "huge"}}, "preset"),
+    ({"experiment": "copies", "preset": "tiny"}, "preset"),
+    ({"experiment": "everything"}, "experiment"),
+    ({"experiment": "copies", "samples": 0}, "samples"),
+    ({"experiment": "classes", "exclude_classes": ["5,7"]}, "exclude_classes"),
+    ({"experiment": "copies", "out": "/etc"}, "out"),
+    ({"experiment": "copies", "train": {"data": "/etc/passwd"}}, "data"),
+    ({}, "experiment"),
+])
+def test_bad_requests_422(svc: Service, body: dict, needle: str) -> None:
+    r = svc.client.post("/validations", json=body, headers=svc.op())
+    assert r.status_code == 422, body
+    assert needle in json.dumps(r.json()["detail"])
+    with svc.db.session() as s:
+        assert s.scalars(select(Job)).first() is None  # nothing queued
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"experiment": "copies", "samples": 11}, "max_validation_samples=10"),
+    ({"experiment": "copies", "train": {"train_steps": 101}}, "max_validation_train_steps=100"),
+    ({"experiment": "copies", "steps": 9}, "max_steps=8"),
+])
+def test_limits_name_the_setting(make_service: Callable[..., Service], body: dict, needle: str) -> None:
+    svc = make_service(max_validation_samples=10, max_validation_train_steps=100, max_steps=8)
+    r = svc.client.post("/validations", json=body, headers=svc.op())
+    assert r.status_code == 422 and needle in r.json()["detail"]
+    schemas = svc.client.get("/openapi.json").json()["components"]["schemas"]
+    for model in ("ClassesValidation", "FidelityValidation", "CopiesValidation"):
+        samples = schemas[model]["properties"]["samples"]["anyOf"]
+        assert {"type": "integer", "minimum": 1, "maximum": 10} in samples
+    assert {"type": "integer", "minimum": 1, "maximum": 100} in \
+        schemas["TrainOptions"]["properties"]["train_steps"]["anyOf"]
+
+
+def test_not_found_and_keys(svc: Service) -> None:
+    c = svc.client
+    for body in ({"experiment": "copies", "ensemble_id": 999},
+                 {"experiment": "copies", "train": {"dataset_id": 999}}):
+        r = c.post("/validations", json=body, headers=svc.op())
+        assert r.status_code == 404 and "999" in r.json()["detail"]
+    gen = c.post("/generate", json={"seeds": [1]}, headers=svc.op()).json()
+    r = c.get(f"/validations/{gen['job_id']}", headers=svc.op())
+    assert r.status_code == 404  # a job, but not a validation
+    acc = post(svc, {"experiment": "copies"})
+    assert c.get(f"/validations/{acc['job_id']}/figures/x.png", headers=svc.op()).status_code == 404
+    assert c.post("/validations", json={"experiment": "copies"}).status_code == 401
+    assert c.get(f"/validations/{acc['job_id']}", headers=svc.owner("alice")).status_code == 403
+
+
+def test_request_literals_match_the_engine() -> None:
+    assert set(typing.get_args(PresetName)) == set(PRESETS)
+    assert set(typing.get_args(ClassifierName)) == set(CLASSIFIERS)
