@@ -330,7 +330,7 @@ _ENSEMBLE_OR_TRAIN = {"not": {"required": ["ensemble_id", "train"]}}
 class ClassesValidation(_ValidationIn):
     """The class-ablation control (paper Figure 1c): sources are whole classes; trains its ensemble."""
 
-    experiment: Literal["classes"]
+    experiment: Literal["classes"] = Field(description="which experiment (classes, fidelity, copies)")
     exclude_classes: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^,\s]+$")]] | None = (
         Field(None, max_length=100, description="leave these classes out (paper Figure 1b: ['5', '7', '9'])"))
     classifier: ClassifierName | None = Field(None, description="the classifier (default svc)")
@@ -345,7 +345,7 @@ class FidelityValidation(_ValidationIn):
     """Synthetic vs exact influence, and a pixel-similarity baseline."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ENSEMBLE_OR_TRAIN)
-    experiment: Literal["fidelity"]
+    experiment: Literal["fidelity"] = Field(description="which experiment (classes, fidelity, copies)")
     ensemble_id: int | None = Field(None, ge=1, le=MAX_ID, description="a registered ensemble, as trained "
                                     "(not with train); default: train a fresh one")
     sources: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
@@ -359,7 +359,7 @@ class CopiesValidation(_ValidationIn):
     """Copy detection on a small training set (paper Figure 2a)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ENSEMBLE_OR_TRAIN)
-    experiment: Literal["copies"]
+    experiment: Literal["copies"] = Field(description="which experiment (classes, fidelity, copies)")
     ensemble_id: int | None = Field(None, ge=1, le=MAX_ID, description="a registered ensemble, as trained "
                                     "(not with train); default: train a fresh one")
     copy_ratio: float | None = Field(None, gt=0, le=10, description="near-copy threshold ratio (default 0.5)")

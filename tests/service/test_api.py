@@ -57,13 +57,15 @@ def test_health_ready_metrics_docs(svc: Service) -> None:
     for p in ("/generate", "/attribute", "/jobs/{job_id}", "/generations/{generation_id}",
               "/generations/{generation_id}/image.png", "/attributions/{attribution_id}",
               "/attributions/{attribution_id}/counterfactual/{item_id}.png", "/batches",
-              "/batches/{batch_id}",
-              "/works", "/works/{work_id}", "/works/{work_id}/influence", "/healthz", "/readyz", "/metrics"):
+              "/batches/{batch_id}", "/validations", "/validations/{job_id}",
+              "/validations/{job_id}/figures/{name}", "/works", "/works/{work_id}",
+              "/works/{work_id}/influence", "/healthz", "/readyz", "/metrics"):
         assert p in paths, p
     # Every protected operation documents its errors; every request field is described.
     for p, ops in spec["paths"].items():
         for op in ops.values():
-            if p.startswith(("/works", "/generate", "/attribut", "/jobs", "/generations", "/batches")):
+            if p.startswith(("/works", "/generate", "/attribut", "/jobs", "/generations", "/batches",
+                             "/validations")):
                 assert {"401", "403", "404", "422"} <= set(op["responses"]), (p, op["responses"].keys())
     for name, model in spec["components"]["schemas"].items():  # every field of every body
         if name not in ("HTTPValidationError", "ValidationError"):  # FastAPI's own
