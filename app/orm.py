@@ -232,6 +232,7 @@ class Job(Base):
         CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed')", name="status"),
         CheckConstraint("kind IN ('generate', 'attribute', 'validate')", name="kind"),
         Index("ix_job_status_updated_at", "status", "updated_at"),
+        Index("ix_job_kind_created_at", "kind", "created_at"),  # GET /validations, newest first
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))

@@ -376,6 +376,24 @@ class ValidationAccepted(BaseModel):
     url: str = Field(description="where its report will be")
 
 
+class ValidationSummary(BaseModel):
+    job_id: str = Field(description="the job that runs it")
+    url: str = Field(description="its report: GET /validations/{job_id}")
+    experiment: str = Field(description="classes, fidelity or copies")
+    status: Literal["queued", "running", "succeeded", "failed"] = Field(description="life cycle state")
+    progress: float = Field(description="0..1")
+    passed: bool | None = Field(description="whether every target of the experiment was met (once done)")
+    created_at: Time = Field(description="when it was requested (UTC)")
+    finished_at: Time | None = Field(description="when it finished (UTC), if it has")
+
+
+class ValidationPage(BaseModel):
+    items: list[ValidationSummary] = Field(description="this page, newest first")
+    total: int = Field(description="number of validations (all pages)")
+    offset: int = Field(description="items skipped")
+    limit: int = Field(description="page size")
+
+
 class ValidationPublic(BaseModel):
     job_id: str = Field(description="the job that runs it")
     experiment: str = Field(description="classes, fidelity or copies")

@@ -6,15 +6,23 @@ Handlers only check the request and write the job; the worker trains, samples, a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
+from sqlalchemy import func, select
 
 from app import jobs
 from app.deps import LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
 from app.orm import Dataset, EnsembleRow, Image, Job
 from app.routes.operator import ERRORS, PNG, IdempotencyKey, JobId, _key_in_use, _replay, limit, png_response
-from app.schemas import ValidationAccepted, ValidationCreate, ValidationPublic
+from app.routes.works import Offset
+from app.schemas import (
+    ValidationAccepted,
+    ValidationCreate,
+    ValidationPage,
+    ValidationPublic,
+    ValidationSummary,
+)
 from app.writer import Tx
 
 router = APIRouter(tags=["validation"], responses=ERRORS)
@@ -79,6 +87,22 @@ def _data_options(tx: Tx, body: ValidationCreate) -> list[str]:
                                 "leave out train.subset (or register the whole data)")
         out += ["--subset", str(int(spec["subset"])), "--subset-seed", str(int(spec.get("subset_seed") or 0))]
     return out
+
+
+@router.get("/validations", response_model=ValidationPage, summary="Validations, newest first")
+def list_validations(_: OperatorDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
+                     limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
+                                                  "max_page_size")] = 100) -> ValidationPage:
+    limit("max_page_size", limit_, settings, "limit")
+    total = s.scalar(select(func.count()).select_from(Job).where(Job.kind == "validate")) or 0
+    jobs_ = s.scalars(select(Job).where(Job.kind == "validate")
+                      .order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit_))
+    items = [ValidationSummary(job_id=j.id, url=f"/validations/{j.id}",
+                               experiment=str(j.payload["experiment"]),
+                               status=j.status, progress=j.progress,  # type: ignore[arg-type]
+                               passed=None if j.result is None else j.result.get("passed"),
+                               created_at=j.created_at, finished_at=j.finished_at) for j in jobs_]
+    return ValidationPage(items=items, total=total, offset=offset, limit=limit_)
 
 
 def _public(job: Job) -> ValidationPublic:

@@ -1,4 +1,4 @@
-"""validation jobs: job.kind may be 'validate'
+"""validation jobs: job.kind may be 'validate'; jobs indexed by (kind, created_at) to list them
 
 Revision ID: 0002
 Revises: 0001
@@ -26,8 +26,12 @@ def _kinds(kinds: str) -> None:
 
 def upgrade() -> None:
     _kinds("'generate', 'attribute', 'validate'")
+    with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.create_index("ix_job_kind_created_at", ["kind", "created_at"], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_index("ix_job_kind_created_at")
     op.execute("DELETE FROM job WHERE kind = 'validate'")
     _kinds("'generate', 'attribute'")

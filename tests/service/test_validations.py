@@ -213,3 +213,19 @@ def test_not_found_and_keys(svc: Service) -> None:
 def test_request_literals_match_the_engine() -> None:
     assert set(typing.get_args(PresetName)) == set(PRESETS)
     assert set(typing.get_args(ClassifierName)) == set(CLASSIFIERS)
+
+
+def test_list_newest_first_with_pages(make_service: Callable[..., Service]) -> None:
+    svc = make_service(max_page_size=5)
+    ids = [post(svc, {"experiment": e})["job_id"] for e in ("copies", "fidelity", "classes")]
+    svc.client.post("/generate", json={"seeds": [1]}, headers=svc.op())  # not a validation
+    page = svc.client.get("/validations?limit=5", headers=svc.op()).json()
+    assert page["total"] == 3 and [v["job_id"] for v in page["items"]] == ids[::-1]
+    assert [v["experiment"] for v in page["items"]] == ["classes", "fidelity", "copies"]
+    assert all(v["status"] == "queued" and v["passed"] is None for v in page["items"])
+    assert page["items"][0]["url"] == f"/validations/{ids[2]}"
+    page = svc.client.get("/validations?offset=1&limit=1", headers=svc.op()).json()
+    assert [v["job_id"] for v in page["items"]] == [ids[1]] and page["total"] == 3
+    r = svc.client.get("/validations?limit=6", headers=svc.op())
+    assert r.status_code == 422 and "max_page_size=5" in r.json()["detail"]
+    assert svc.client.get("/validations", headers=svc.owner("alice")).status_code == 403
