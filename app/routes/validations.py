@@ -70,6 +70,8 @@ def _data_options(tx: Tx, body: ValidationCreate) -> list[str]:
             raise HTTPException(404, f"ensemble {ensemble_id} not found")
         if ens.status != "ready":
             raise HTTPException(409, f"ensemble {ens.id} is {ens.status}, not ready")
+        if body.steps is not None and body.steps > ens.T:
+            raise HTTPException(409, f"steps {body.steps} is more than ensemble {ens.id}'s T={ens.T}")
         return ["--checkpoint", ens.checkpoint]
     train = body.train
     if train is None or train.dataset_id is None:

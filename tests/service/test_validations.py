@@ -109,6 +109,9 @@ def test_fidelity_on_a_registered_ensemble(svc: Service, cli_ckpt: Path) -> None
 def test_an_ensemble_whose_data_cannot_be_reloaded_fails_clearly(svc: Service) -> None:
     with svc.db.session() as s:  # the fixture's ensemble: built in code, no data spec in it
         ens_id = s.scalars(select(EnsembleRow)).one().id
+    r = svc.client.post("/validations", json={"experiment": "copies", "ensemble_id": ens_id, "steps": 21},
+                        headers=svc.op())
+    assert r.status_code == 409 and "T=20" in r.json()["detail"]
     acc = post(svc, {"experiment": "copies", "ensemble_id": ens_id, "samples": 1})
     assert svc.run_jobs() == ["failed"]
     assert "does not record the data it was trained on" in get(svc, acc["job_id"])["error"]
