@@ -365,6 +365,7 @@ class CopiesValidation(_ValidationIn):
     copy_ratio: float | None = Field(None, gt=0, le=10, description="near-copy threshold ratio (default 0.5)")
     top: int | None = Field(None, ge=1, le=1000, description="synthetic top-K kept per sample (default 5)")
 
+
 ValidationCreate = Annotated[ClassesValidation | FidelityValidation | CopiesValidation,
                              Field(discriminator="experiment")]
 """One experiment of `attrib validate`, run by a worker exactly as the CLI runs it."""
@@ -394,16 +395,9 @@ class ValidationPage(BaseModel):
     limit: int = Field(description="page size")
 
 
-class ValidationPublic(BaseModel):
-    job_id: str = Field(description="the job that runs it")
-    experiment: str = Field(description="classes, fidelity or copies")
+class ValidationPublic(ValidationSummary):
     request: dict[str, Any] = Field(description="the request as given")
     options: list[str] = Field(description="the `attrib validate` flags it runs with (the CLI equivalent)")
-    status: Literal["queued", "running", "succeeded", "failed"] = Field(description="life cycle state")
-    progress: float = Field(description="0..1")
     error: str | None = Field(description="why it failed, if it did")
-    passed: bool | None = Field(description="whether every target of the experiment was met (once done)")
     report: dict[str, Any] | None = Field(description="the report (what the CLI writes to report.json)")
     figures: dict[str, str] = Field(description="figure name -> URL of its PNG")
-    created_at: Time = Field(description="when it was requested (UTC)")
-    finished_at: Time | None = Field(description="when it finished (UTC), if it has")

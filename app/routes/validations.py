@@ -99,24 +99,23 @@ def list_validations(_: OperatorDep, s: SessionDep, settings: SettingsDep, offse
     total = s.scalar(select(func.count()).select_from(Job).where(Job.kind == "validate")) or 0
     jobs_ = s.scalars(select(Job).where(Job.kind == "validate")
                       .order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit_))
-    items = [ValidationSummary(job_id=j.id, url=f"/validations/{j.id}",
-                               experiment=str(j.payload["experiment"]),
-                               status=j.status, progress=j.progress,  # type: ignore[arg-type]
-                               passed=None if j.result is None else j.result.get("passed"),
-                               created_at=j.created_at, finished_at=j.finished_at) for j in jobs_]
+    items = [ValidationSummary(**_summary(j)) for j in jobs_]
     return ValidationPage(items=items, total=total, offset=offset, limit=limit_)
+
+
+def _summary(job: Job) -> dict[str, Any]:
+    return dict(job_id=job.id, url=f"/validations/{job.id}", experiment=str(job.payload["experiment"]),
+                status=job.status, progress=job.progress,
+                passed=None if job.result is None else job.result.get("passed"),
+                created_at=job.created_at, finished_at=job.finished_at)
 
 
 def _public(job: Job) -> ValidationPublic:
     result = job.result or {}
-    report = result.get("report")
     return ValidationPublic(
-        job_id=job.id, experiment=str(job.payload["experiment"]), request=job.payload.get("request", {}),
-        options=list(job.payload["options"]), status=job.status,  # type: ignore[arg-type]
-        progress=job.progress, error=job.error,
-        passed=None if report is None else bool(report.get("passed")), report=report,
-        figures={name: f"/validations/{job.id}/figures/{name}" for name in result.get("figures", {})},
-        created_at=job.created_at, finished_at=job.finished_at)
+        **_summary(job), request=job.payload.get("request", {}), options=list(job.payload["options"]),
+        error=job.error, report=result.get("report"),
+        figures={name: f"/validations/{job.id}/figures/{name}" for name in result.get("figures", {})})
 
 
 def _validation(s: Any, job_id: str) -> Job:
