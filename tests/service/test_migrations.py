@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from app import migrate
 from app.orm import Base
@@ -34,6 +35,44 @@ def test_sqlite(tmp_path: Path) -> None:
 def test_postgres() -> None:
     with fresh_postgres() as url:
         _roundtrip(url)
+
+
+def _job(c: Connection, jid: str, kind: str) -> None:
+    c.execute(text("INSERT INTO job (id, kind, status, progress, payload, attempts, created_at, updated_at) "
+                   "VALUES (:id, :kind, 'queued', 0, '{}', 0, '2026-01-01', '2026-01-01')"),
+              {"id": jid, "kind": kind})
+
+
+def _validate_jobs(url: str) -> None:
+    """0001 -> 0002 keeps the jobs and admits kind 'validate' (nothing else new); back to 0001
+    drops the validate jobs and keeps the others."""
+    migrate.upgrade(url, "0001")
+    engine = create_engine(url)
+    with engine.begin() as c:
+        _job(c, "old", "generate")
+        with pytest.raises(IntegrityError), c.begin_nested():
+            _job(c, "v0", "validate")
+    migrate.upgrade(url)
+    with engine.begin() as c:
+        _job(c, "v1", "validate")
+        with pytest.raises(IntegrityError), c.begin_nested():
+            _job(c, "x", "bogus")
+        assert c.execute(text("SELECT id, kind FROM job ORDER BY id")).all() == [("old", "generate"),
+                                                                                ("v1", "validate")]
+    assert "ix_job_kind_created_at" in {ix["name"] for ix in inspect(engine).get_indexes("job")}
+    migrate.downgrade(url, "0001")
+    with engine.begin() as c:
+        assert c.execute(text("SELECT id FROM job")).scalars().all() == ["old"]
+    engine.dispose()
+
+
+def test_validate_jobs_migration_sqlite(tmp_path: Path) -> None:
+    _validate_jobs(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def test_validate_jobs_migration_postgres() -> None:
+    with fresh_postgres() as url:
+        _validate_jobs(url)
 
 
 def test_check_detects_a_model_change(tmp_path: Path) -> None:
