@@ -232,3 +232,23 @@ def test_list_newest_first_with_pages(make_service: Callable[..., Service]) -> N
     r = svc.client.get("/validations?limit=6", headers=svc.op())
     assert r.status_code == 422 and "max_page_size=5" in r.json()["detail"]
     assert svc.client.get("/validations", headers=svc.owner("alice")).status_code == 403
+
+
+def test_the_job_reports_progress_through_its_stages(svc: Service) -> None:
+    from worker.engine import run_validate
+
+    acc = post(svc, {"experiment": "fidelity", "samples": 2, "steps": 3, "sources": "all",
+                     "train": {"subset": 30, **TINY_TRAIN, "train_steps": 40}})
+    with svc.db.session() as s:
+        job = s.get(Job, acc["job_id"])
+        assert job is not None
+        s.expunge(job)
+    seen: list[float] = []
+    run_validate(svc.db, svc.worker.cache, job, seen.append)
+    # stages train, jacobian, exact: a third of 0.96 each, after 0.02
+    assert seen == sorted(seen) and seen[0] >= 0.02 and seen[-1] == pytest.approx(0.98)
+    assert any(0.02 < p < 0.34 for p in seen)  # within training
+    for end in (0.34, 0.66, 0.98):  # the end of each stage
+        assert any(abs(p - end) < 1e-9 for p in seen), (end, seen)
+    assert len(seen) <= 200 + 2  # throttled: at most every 0.5 %
+    assert get(svc, acc["job_id"])["report"]["ensemble"]["trained_steps"] == 40
