@@ -330,7 +330,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         key = json.loads(keys_file.read_text()).get("operator", key)
     _log(f"try:\n  curl -s -X POST {url}/generate -H 'Authorization: Bearer {key}' "
          "-H 'Content-Type: application/json' -d '{\"seeds\": [0, 1]}'\n"
-         f"  curl -s {url}/jobs/<job_id> -H 'Authorization: Bearer {key}'")
+         f"  curl -s {url}/jobs/<job_id> -H 'Authorization: Bearer {key}'\n"
+         f"  curl -s -X POST {url}/validations -H 'Authorization: Bearer {key}' "
+         "-H 'Content-Type: application/json' -d '{\"experiment\": \"copies\", \"samples\": 16}'"
+         "   (trains its own ensemble: minutes; then GET /validations/<job_id>)")
     # uvicorn re-raises the SIGTERM it shut down on; with the default action the process would
     # die on the spot and leave its worker running. As an exception, the worker is stopped below.
     signal.signal(signal.SIGTERM, _exit_on_signal)
