@@ -229,8 +229,8 @@ class Job(Base):
 
     __tablename__ = "job"
     __table_args__ = (
-        CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed')", name="status"),
-        CheckConstraint("kind IN ('generate', 'attribute', 'validate')", name="kind"),
+        CheckConstraint(f"status IN ({', '.join(map(repr, JOB_STATUSES))})", name="status"),
+        CheckConstraint(f"kind IN ({', '.join(map(repr, JOB_KINDS))})", name="kind"),
         Index("ix_job_status_updated_at", "status", "updated_at"),
         Index("ix_job_kind_created_at", "kind", "created_at"),  # GET /validations, newest first
     )

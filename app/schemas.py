@@ -224,11 +224,16 @@ class WorkPublic(BaseModel):
     image_url: str = Field(description="the work's image (PNG)")
 
 
-class WorkPage(BaseModel):
-    items: list[WorkPublic] = Field(description="this page")
+class _Page(BaseModel):
+    """What every page says besides its items."""
+
     total: int = Field(description="number of items (all pages)")
     offset: int = Field(description="items skipped")
     limit: int = Field(description="page size")
+
+
+class WorkPage(_Page):
+    items: list[WorkPublic] = Field(description="this page")
 
 
 class InfluencePublic(BaseModel):
@@ -251,12 +256,9 @@ class InfluencePublic(BaseModel):
     created_at: Time = Field(description="when it was created (UTC)")
 
 
-class InfluencePage(BaseModel):
+class InfluencePage(_Page):
     work_id: int = Field(description="the work")
     items: list[InfluencePublic] = Field(description="this page")
-    total: int = Field(description="number of items (all pages)")
-    offset: int = Field(description="items skipped")
-    limit: int = Field(description="page size")
 
 
 # ------------------------------------------------------------------------ validation
@@ -388,11 +390,8 @@ class ValidationSummary(BaseModel):
     finished_at: Time | None = Field(description="when it finished (UTC), if it has")
 
 
-class ValidationPage(BaseModel):
+class ValidationPage(_Page):
     items: list[ValidationSummary] = Field(description="this page, newest first")
-    total: int = Field(description="number of validations (all pages)")
-    offset: int = Field(description="items skipped")
-    limit: int = Field(description="page size")
 
 
 class ValidationPublic(ValidationSummary):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.cli import CLIError, _device, _load_data, _load_ensemble, _log
+from app.cli import CLIError, _device, _load_data, _load_ensemble, _log, build_parser
 from models import plots
 from models import validate as V
 from models.codes import CapacityError, CodeBook, default_k, make_codebook
@@ -519,12 +519,10 @@ def run(experiment: str, options: list[str], out: Path, device: str = "auto",
     as in models.validate, "train" first when it trains."""
     if experiment not in STAGES:
         raise CLIError(f"unknown experiment {experiment!r} (one of {', '.join(STAGES)})")
-    parser = argparse.ArgumentParser(prog="attrib", exit_on_error=False)
-    add_parser(parser.add_subparsers(dest="command", required=True))
     try:
-        args = parser.parse_args(["validate", experiment, "--out", str(out), "--device", device, "--json",
-                                  *options])
-    except (argparse.ArgumentError, SystemExit) as exc:
+        argv = ["validate", experiment, "--out", str(out), "--device", device, "--json", *options]
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's way of refusing
         raise CLIError(f"invalid options {options!r} for validate {experiment}") from exc
     args.silent, args.forward = True, progress
     report: dict[str, Any] = args.func(args)

@@ -560,7 +560,7 @@ def fidelity_stats(res: Fidelity, k: int = 10, targets: dict[str, float] | None 
     for b in range(len(res.seeds)):
         syn = ranking_agreement(res.synthetic[b], res.exact[b], k)
         pix = ranking_agreement(res.pixel[b], res.exact[b], k)
-        order = np.argsort(-res.exact[b], kind="stable")[:k]
+        order = _top(res.exact[b], k)
         ver = {str(m): verified_recall(res.synthetic[b], res.exact[b], k, m) for m in verify_depths}
         per_sample.append({"seed": res.seeds[b], "candidates": len(res.candidates[b]), "synthetic": syn,
                            "pixel": pix, "verified_recall_at_k": ver,

@@ -13,8 +13,19 @@ from sqlalchemy import func, select
 
 from app import jobs
 from app.deps import LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
-from app.orm import Dataset, EnsembleRow, Image, Job
-from app.routes.operator import ERRORS, PNG, IdempotencyKey, JobId, _key_in_use, _replay, limit, png_response
+from app.orm import Dataset, Image, Job
+from app.routes.operator import (
+    ERRORS,
+    PNG,
+    IdempotencyKey,
+    JobId,
+    _ensemble,
+    _key_in_use,
+    _replay,
+    _steps,
+    limit,
+    png_response,
+)
 from app.routes.works import Offset
 from app.schemas import (
     ValidationAccepted,
@@ -23,6 +34,7 @@ from app.schemas import (
     ValidationPublic,
     ValidationSummary,
 )
+from app.settings import Settings
 from app.writer import Tx
 
 router = APIRouter(tags=["validation"], responses=ERRORS)
@@ -42,14 +54,15 @@ async def create_validation(body: ValidationCreate, _: LimitedOperatorDep, write
         limit("max_validation_train_steps", body.train.train_steps, settings, "train.train_steps")
     if body.steps is not None:
         limit("max_steps", body.steps, settings, "steps")
-    return await writer.run(lambda tx: _create(tx, body, idempotency_key))
+    return await writer.run(lambda tx: _create(tx, body, settings, idempotency_key))
 
 
-def _create(tx: Tx, body: ValidationCreate, idempotency_key: str | None) -> ValidationAccepted:
+def _create(tx: Tx, body: ValidationCreate, settings: Settings,
+            idempotency_key: str | None) -> ValidationAccepted:
     s = tx.s
     old = _replay(s, idempotency_key, "validate")
     if old is None:
-        options = _data_options(tx, body) + body.options()
+        options = _data_options(tx, body, settings) + body.options()
         with _key_in_use(idempotency_key):
             payload = {"experiment": body.experiment, "options": options,
                        "request": body.model_dump(mode="json", exclude_unset=True)}
@@ -60,18 +73,14 @@ def _create(tx: Tx, body: ValidationCreate, idempotency_key: str | None) -> Vali
     return ValidationAccepted(job_id=job_id, experiment=str(body.experiment), url=f"/validations/{job_id}")
 
 
-def _data_options(tx: Tx, body: ValidationCreate) -> list[str]:
+def _data_options(tx: Tx, body: ValidationCreate, settings: Settings) -> list[str]:
     """--checkpoint of ensemble_id, or --data/--subset of dataset_id (paths never come from a request)."""
     s = tx.s
     ensemble_id = getattr(body, "ensemble_id", None)
     if ensemble_id is not None:
-        ens = s.get(EnsembleRow, ensemble_id)
-        if ens is None:
-            raise HTTPException(404, f"ensemble {ensemble_id} not found")
-        if ens.status != "ready":
-            raise HTTPException(409, f"ensemble {ens.id} is {ens.status}, not ready")
-        if body.steps is not None and body.steps > ens.T:
-            raise HTTPException(409, f"steps {body.steps} is more than ensemble {ens.id}'s T={ens.T}")
+        ens = _ensemble(tx, ensemble_id)  # 404 / 409 as for /generate
+        if body.steps is not None:
+            _steps(body.steps, ens, settings)
         return ["--checkpoint", ens.checkpoint]
     train = body.train
     if train is None or train.dataset_id is None:

@@ -252,3 +252,34 @@ def test_the_job_reports_progress_through_its_stages(svc: Service) -> None:
         assert any(abs(p - end) < 1e-9 for p in seen), (end, seen)
     assert len(seen) <= 200 + 2  # throttled: at most every 0.5 %
     assert get(svc, acc["job_id"])["report"]["ensemble"]["trained_steps"] == 40
+
+
+@pytest.mark.parametrize("body", [
+    {"experiment": "classes", "exclude_classes": ["5", "7"], "classifier": "mlp", "codes": "random",
+     "min_confidence": 0.8, "lpips": False},
+    {"experiment": "fidelity", "sources": "all", "top": 7, "recall_k": 4, "broken": True},
+    {"experiment": "copies", "copy_ratio": 0.25, "top": 3},
+])
+def test_every_request_field_is_a_flag_the_cli_takes(body: dict) -> None:
+    """Request fields and `attrib validate` flags stay in step: every field of every experiment,
+    set, gives options the CLI's own parser accepts, with the values given."""
+    from pydantic import TypeAdapter
+
+    from app.cli import build_parser
+    from app.schemas import ValidationCreate
+
+    train = {"subset": 50, "subset_seed": 3, "preset": "tiny", "n": 8, "train_steps": 7, "batch_size": 4,
+             "lr": 0.01}
+    req = TypeAdapter(ValidationCreate).validate_python(
+        {**body, "seed": 2, "samples": 5, "seed_start": 9, "steps": 6, "train": train})
+    args = build_parser().parse_args(["validate", body["experiment"], "--out", "x", *req.options()])
+    for name, value in {**train, "seed": 2, "samples": 5, "seed_start": 9, "steps": 6}.items():
+        assert getattr(args, name) == value, name
+    expect = {k: v for k, v in body.items() if k != "experiment"}
+    if "exclude_classes" in expect:
+        expect["exclude_classes"] = "5,7"
+    if "lpips" in expect:
+        assert args.no_lpips is True
+        del expect["lpips"]
+    for name, value in expect.items():
+        assert getattr(args, name) == value, name
