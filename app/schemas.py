@@ -366,6 +366,9 @@ class CopiesValidation(_ValidationIn):
                                     "(not with train); default: train a fresh one")
     copy_ratio: float | None = Field(None, gt=0, le=10, description="near-copy threshold ratio (default 0.5)")
     top: int | None = Field(None, ge=1, le=1000, description="synthetic top-K kept per sample (default 5)")
+    exact: Literal["none", "copies", "all"] | None = Field(
+        None, description="also ablate every source exactly for the near-copies (or all samples), to tell "
+                          "the estimate's misses from the model's (default none; samples x sources runs)")
 
 
 ValidationCreate = Annotated[ClassesValidation | FidelityValidation | CopiesValidation,

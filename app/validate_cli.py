@@ -367,6 +367,10 @@ def cmd_copies(args: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     x_train = ds.to_tensor()
     res = V.copy_detection(ens, tape, x_train, top=args.top, progress=progress)
+    if args.exact != "none":
+        rows = np.arange(len(res.seeds)) if args.exact == "all" else np.flatnonzero(
+            V.near_copies(res, args.copy_ratio))
+        res = V.exact_copy_check(ens, tape, res, rows, chunk=args.chunk, progress=progress)
     seconds = time.perf_counter() - t1
     st = V.copy_stats(res, args.copy_ratio)
     rate = st["top1_rate_copies"]
@@ -385,25 +389,49 @@ def cmd_copies(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
         "figures": ["copies.png"],
     }
+    if "exact" in st:
+        ex = st["exact"]
+        for e in ex.pop("per_sample"):
+            report["per_sample"][e.pop("sample")]["exact"] = e
+        report["exact"] = ex
     _copies_figure(args, res, st, ens, x_train)
+    exact_line = ""
+    if "exact" in st and st["exact"]["copies"]["n"]:
+        ec = st["exact"]["copies"]
+        verified = ec[f"verified_top{args.top}_top1_rate"]
+        exact_line = (f"; exact ablation of all {st['exact']['sources']} sources: its top source is the "
+                      f"copied image in {ec['exact_top1_rate']:.3f} of the near-copies (median rank "
+                      f"{ec['median_nn_exact_rank']:.0f}; synthetic {ec['median_nn_synthetic_rank']:.0f}), "
+                      f"synthetic top {args.top} verified exactly: {verified:.3f}")
     return _finish(args, report,
             f"{len(res.seeds)} samples, {st['n_copies']} near-copies (nearest training image within "
             f"{st['threshold']:.3f}): top-1 attribution is the copied image in {rate:.3f} of them "
-            f"({st['top1_rate_all']:.3f} of all samples; {seconds:.0f} s)")
+            f"({st['top1_rate_all']:.3f} of all samples){exact_line} ({seconds:.0f} s)")
 
 
 def _copies_figure(args: argparse.Namespace, res: V.CopyDetection, st: dict[str, Any], ens: Ensemble,
                    x_train: torch.Tensor) -> None:
     book = ens.codebook
     order = sorted(range(len(res.seeds)), key=lambda i: (not st["is_copy"][i], res.nn_dist[i]))[: args.grid]
+    exact_top1 = {int(r): int(res.exact[j].argmax()) for j, r in enumerate(res.exact_rows)}
+    header = ["sample", "nearest", "top-1"] + (["exact #1"] if exact_top1 else [])
     rows, labels, marks = [], [], []
+
+    def image_of(source: int) -> torch.Tensor:
+        return x_train[int(book.source_items(source)[0])]
+
     for i in order:
-        top_item = int(book.source_items(int(res.top_sources[i, 0]))[0])
-        rows.append(torch.stack([res.images[i], x_train[int(res.nn_item[i])], x_train[top_item]]))
+        cells = [res.images[i], x_train[int(res.nn_item[i])], image_of(int(res.top_sources[i, 0]))]
+        mark = [False, False, not st["hit"][i]]
+        if exact_top1:  # samples not checked exactly get an empty (black) cell
+            src = exact_top1.get(i)
+            cells.append(-torch.ones_like(res.images[i]) if src is None else image_of(src))
+            mark.append(src is not None and src != int(res.nn_source[i]))
+        rows.append(torch.stack(cells))
         labels.append(f"{'copy' if st['is_copy'][i] else 'novel'} {res.nn_dist[i]:.2f}")
-        marks.append([False, False, not st["hit"][i]])
-    tables = [plots.image_table(rows[j : j + 16], ["sample", "nearest", "top-1"], labels[j : j + 16],
-                                marks=marks[j : j + 16]) for j in range(0, len(rows), 16)]
+        marks.append(mark)
+    tables = [plots.image_table(rows[j : j + 16], header, labels[j : j + 16], marks=marks[j : j + 16])
+              for j in range(0, len(rows), 16)]
     plots.stack(tables, horizontal=True).save(Path(args.out) / "copies.png")
 
 
@@ -490,6 +518,10 @@ def add_parser(sub: Any) -> None:
                         "median nearest-neighbour distance (default 0.5)")
     p.add_argument("--top", type=int, default=5, help="synthetic top-K kept per sample")
     p.add_argument("--grid", type=int, default=48, help="samples shown in the figure")
+    p.add_argument("--exact", choices=("none", "copies", "all"), default="none",
+                   help="also ablate every source exactly for the near-copies (or all samples): "
+                        "whether the exact top source is the copied image, i.e. whether a miss is "
+                        "the estimate's or the model's (samples x sources diffusion runs)")
     p.set_defaults(func=_run(cmd_copies))
 
 
@@ -506,8 +538,27 @@ def _run(fn: Any) -> Any:
 
 
 # ------------------------------------------------------------------------ in-process
-STAGES = {"classes": ("sample", "exact"), "fidelity": ("jacobian", "exact"), "copies": ("jacobian",)}
-"""The progress stages of each experiment after training ("train", when it trains)."""
+STAGES = {"classes": ("sample", "exact"), "fidelity": ("jacobian", "exact"), "copies": ("jacobian", "exact")}
+"""The progress stages each experiment may report after training ("train", when it trains)."""
+
+
+def progress_stages(experiment: str, options: list[str]) -> tuple[str, ...]:
+    """The stages ``run(experiment, options, ...)`` reports, in order."""
+    args = _parse(experiment, options, Path("."), "cpu")
+    stages = (() if args.checkpoint else ("train",)) + STAGES[experiment]
+    if experiment == "copies" and args.exact == "none":
+        stages = stages[:-1]
+    return stages
+
+
+def _parse(experiment: str, options: list[str], out: Path, device: str) -> argparse.Namespace:
+    if experiment not in STAGES:
+        raise CLIError(f"unknown experiment {experiment!r} (one of {', '.join(STAGES)})")
+    try:
+        argv = ["validate", experiment, "--out", str(out), "--device", device, "--json", *options]
+        return build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's way of refusing
+        raise CLIError(f"invalid options {options!r} for validate {experiment}") from exc
 
 
 def run(experiment: str, options: list[str], out: Path, device: str = "auto",
@@ -517,13 +568,7 @@ def run(experiment: str, options: list[str], out: Path, device: str = "auto",
     report (as written to OUT/report.json; its ``figures`` are files in OUT). Bad options or data
     raise CLIError (or DatasetError) with the CLI's message; ``progress(stage, done, total)``
     as in models.validate, "train" first when it trains."""
-    if experiment not in STAGES:
-        raise CLIError(f"unknown experiment {experiment!r} (one of {', '.join(STAGES)})")
-    try:
-        argv = ["validate", experiment, "--out", str(out), "--device", device, "--json", *options]
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse's way of refusing
-        raise CLIError(f"invalid options {options!r} for validate {experiment}") from exc
+    args = _parse(experiment, options, out, device)
     args.silent, args.forward = True, progress
     report: dict[str, Any] = args.func(args)
     return report

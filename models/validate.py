@@ -24,7 +24,7 @@ deliberately broken scores). Nothing here prints or draws a progress bar: long l
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -614,6 +614,10 @@ class CopyDetection:
             training image (the scale of "different images" in this data set).
         top_sources: (B, K) the synthetic top-K sources, best first.
         nn_source: (B,) the source of the nearest training image.
+        nn_rank: (B,) its rank under the synthetic scores (1 = top).
+        exact_rows: (R,) the samples whose exact counterfactuals were computed (see
+            ``exact_copy_check``), empty if none.
+        exact: (R, S) their exact counterfactual distance with each source ablated.
     """
 
     seeds: list[int]
@@ -623,6 +627,9 @@ class CopyDetection:
     train_nn_median: float
     top_sources: np.ndarray
     nn_source: np.ndarray
+    nn_rank: np.ndarray
+    exact_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    exact: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
 def nearest_training(images: Tensor, x_train: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
@@ -642,8 +649,44 @@ def copy_detection(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, top: int 
     f, _, syn = synthetic_scores(ens, tape, batch=jacobian_batch, progress=progress)
     nn_item, nn_dist, train_med = nearest_training(f, x_train)
     top_sources = torch.topk(syn, min(top, syn.shape[1]), dim=1).indices.numpy()
+    nn_source = ens.codebook.item_source[nn_item]
     return CopyDetection(list(tape.seeds), f, nn_item, nn_dist, train_med, top_sources,
-                         ens.codebook.item_source[nn_item])
+                         nn_source, _rank_of(syn.numpy(), nn_source))
+
+
+def _rank_of(score: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Rank (1 = highest) of ``source[b]`` in row b of ``score`` (B, S); ties count against it."""
+    own = score[np.arange(len(source)), source]
+    return (score >= own[:, None]).sum(axis=1)
+
+
+def near_copies(res: CopyDetection, copy_ratio: float = 0.5) -> np.ndarray:
+    """(B,) bool: the nearest training image lies within ``copy_ratio`` times the training
+    set's median nearest-neighbour distance."""
+    return res.nn_dist <= copy_ratio * res.train_nn_median
+
+
+def exact_copy_check(ens: Ensemble, tape: NoiseTape, res: CopyDetection, rows: np.ndarray, *,
+                     chunk: int = 1024, progress: ProgressFn = _noop) -> CopyDetection:
+    """``res`` with the exact counterfactual distance of samples ``rows`` for *every* source.
+
+    It tells the two ways copy detection can fail apart: if the exact ablation's top source
+    is the copied image but the synthetic top-1 is not, the first-order estimate is at fault;
+    if the exact top source is not the copied image either, ablating the copied image does not
+    move the sample most (the ensemble's members that never saw it reproduce it too), and no
+    estimate of the exact counterfactual can rank it first.
+    """
+    rows = np.asarray(rows, np.int64)
+    S = ens.codebook.num_sources
+    sample_index = torch.from_numpy(rows).repeat_interleave(S)
+    sources = torch.arange(S).repeat(len(rows))
+    exact = np.zeros(len(sources))
+
+    def consume(sl: slice, x: Tensor) -> None:
+        exact[sl] = l2_distance(x, res.images[sample_index[sl]]).double().numpy()
+
+    exact_ablations(ens, tape, sample_index, sources, chunk=chunk, progress=progress, consume=consume)
+    return replace(res, exact_rows=rows, exact=exact.reshape(len(rows), S))
 
 
 def copy_stats(res: CopyDetection, copy_ratio: float = 0.5) -> dict[str, Any]:
@@ -651,17 +694,53 @@ def copy_stats(res: CopyDetection, copy_ratio: float = 0.5) -> dict[str, Any]:
     times the training set's median nearest-neighbour distance. Reports the rate at which
     the synthetic top-1 (and top-K) source is the nearest image's source, among near-copies
     and among all samples."""
-    threshold = copy_ratio * res.train_nn_median
-    is_copy = res.nn_dist <= threshold
+    is_copy = near_copies(res, copy_ratio)
     hit1 = res.top_sources[:, 0] == res.nn_source
     hitk = (res.top_sources == res.nn_source[:, None]).any(axis=1)
     n = int(is_copy.sum())
-    return {
+    out: dict[str, Any] = {
         "n_samples": len(res.seeds), "n_copies": n, "copy_ratio": copy_ratio,
-        "threshold": threshold, "train_nn_median": res.train_nn_median,
+        "threshold": copy_ratio * res.train_nn_median, "train_nn_median": res.train_nn_median,
         "median_nn_dist": float(np.median(res.nn_dist)),
         "top1_rate_copies": float(hit1[is_copy].mean()) if n else float("nan"),
         f"top{res.top_sources.shape[1]}_rate_copies": float(hitk[is_copy].mean()) if n else float("nan"),
         "top1_rate_all": float(hit1.mean()),
+        "median_nn_synthetic_rank_copies": float(np.median(res.nn_rank[is_copy])) if n else float("nan"),
         "is_copy": is_copy.tolist(), "hit": hit1.tolist(),
     }
+    if len(res.exact_rows):
+        out["exact"] = exact_copy_stats(res, is_copy)
+    return out
+
+
+def exact_copy_stats(res: CopyDetection, is_copy: np.ndarray) -> dict[str, Any]:
+    """Over the samples with exact distances (``exact_copy_check``), and over the near-copies
+    among them: how often the exact top source is the nearest image's (``exact_top1_rate``),
+    the median exact rank of the nearest image's source, how often the synthetic top-1 is the
+    exact top source, and how often screen-then-verify (the synthetic top K re-ranked by their
+    exact distances) puts the nearest image first (``verified_top1_rate``). ``per_sample``
+    is aligned with ``res.exact_rows``."""
+    rows, exact = res.exact_rows, res.exact
+    nn_src, top = res.nn_source[rows], res.top_sources[rows]
+    exact_top1 = exact.argmax(axis=1)
+    verified = top[np.arange(len(rows)), exact[np.arange(len(rows))[:, None], top].argmax(axis=1)]
+    per = {"exact_top1_is_nearest": exact_top1 == nn_src,
+           "nn_exact_rank": _rank_of(exact, nn_src),
+           "synthetic_top1_is_exact_top1": top[:, 0] == exact_top1,
+           "verified_top1_is_nearest": verified == nn_src}
+
+    def summary(mask: np.ndarray) -> dict[str, float]:
+        if not mask.any():
+            return {"n": 0}
+        return {"n": int(mask.sum()),
+                "exact_top1_rate": float(per["exact_top1_is_nearest"][mask].mean()),
+                "median_nn_exact_rank": float(np.median(per["nn_exact_rank"][mask])),
+                "median_nn_synthetic_rank": float(np.median(res.nn_rank[rows][mask])),
+                "synthetic_top1_is_exact_top1_rate": float(per["synthetic_top1_is_exact_top1"][mask].mean()),
+                f"verified_top{top.shape[1]}_top1_rate": float(per["verified_top1_is_nearest"][mask].mean())}
+
+    return {"sources": int(exact.shape[1]), "copies": summary(is_copy[rows]),
+            "all_checked": summary(np.ones(len(rows), bool)),
+            "per_sample": [{"sample": int(r), "exact_top1": int(exact_top1[j]),
+                            **{k: v[j].item() for k, v in per.items()}}
+                           for j, r in enumerate(rows)]}

@@ -252,13 +252,16 @@ def run_validate(db: Database, cache: EngineCache, job: Job, progress: Progress)
     under ``data_dir/validations`` and store its report and PNG figures with the job. A retried
     job starts again from nothing."""
     from app.cli import CLIError
-    from app.validate_cli import STAGES, run
+    from app.validate_cli import progress_stages, run
     from models.data import DatasetError
 
     experiment, options = str(job.payload["experiment"]), [str(o) for o in job.payload["options"]]
     out = cache.settings.data_dir / "validations" / job.id
     shutil.rmtree(out, ignore_errors=True)
-    stages = (() if "--checkpoint" in options else ("train",)) + STAGES.get(experiment, ())
+    try:
+        stages = progress_stages(experiment, options)
+    except CLIError as exc:
+        raise JobError(f"validate {experiment}: {exc}") from exc
     last = [0.0, 0.0]  # progress, time: the job row is touched at most every 0.5 % or 2 s
 
     def on_progress(stage: str, done: int, total: int) -> None:

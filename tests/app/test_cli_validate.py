@@ -111,6 +111,31 @@ def test_copies_report(tmp_path: Path) -> None:
     assert r["top1_rate_copies"] == pytest.approx(np.mean(hits))
     assert r["passed"] == (np.mean(hits) >= 0.9)
     assert Image.open(tmp_path / "copies.png").size[0] > 50
+    assert "exact" not in r and all("exact" not in p for p in r["per_sample"])
+
+
+def test_copies_exact_check(tmp_path: Path) -> None:
+    """--exact copies: every source ablated exactly for the near-copies (here: samples within
+    a ratio that admits some but, for this data, not all), reported per sample and summed up."""
+    plain = main(["validate", "copies", "--out", str(tmp_path / "plain"), "--subset", "40", "--samples", "4",
+                  *TINY])
+    assert plain == 0
+    p = _report(tmp_path / "plain")
+    dists = sorted(s["nn_dist"] for s in p["per_sample"])
+    ratio = (dists[1] + dists[2]) / 2 / p["train_nn_median"]  # two near-copies, two not
+    out = tmp_path / "exact"
+    assert main(["validate", "copies", "--out", str(out), "--subset", "40", "--samples", "4", *TINY,
+                 "--copy-ratio", str(ratio), "--exact", "copies"]) == 0
+    r = _report(out)
+    assert r["n_copies"] == 2 and r["exact"]["sources"] == 40 and r["exact"]["copies"]["n"] == 2
+    checked = [s for s in r["per_sample"] if "exact" in s]
+    assert [s["is_copy"] for s in checked] == [True, True]
+    rate = np.mean([s["exact"]["exact_top1_is_nearest"] for s in checked])
+    assert r["exact"]["copies"]["exact_top1_rate"] == pytest.approx(rate)
+    assert all(1 <= s["exact"]["nn_exact_rank"] <= 40 for s in checked)
+    # the same samples as without --exact: the synthetic part is unchanged
+    assert [s["top_sources"] for s in r["per_sample"]] == [s["top_sources"] for s in p["per_sample"]]
+    assert Image.open(out / "copies.png").size[0] > Image.open(tmp_path / "plain" / "copies.png").size[0]
 
 
 def test_validate_errors_exit_2(tmp_path: Path, classes_out: Path,

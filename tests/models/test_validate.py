@@ -292,7 +292,43 @@ def test_copy_stats_by_hand() -> None:
     res = V.CopyDetection(seeds=[0, 1, 2, 3], images=torch.zeros(4, 1, 2, 2),
                           nn_item=np.array([5, 6, 7, 8]), nn_dist=np.array([0.1, 0.2, 0.9, 0.3]),
                           train_nn_median=1.0, top_sources=np.array([[5, 1], [2, 6], [7, 0], [8, 3]]),
-                          nn_source=np.array([5, 6, 7, 8]))
+                          nn_source=np.array([5, 6, 7, 8]), nn_rank=np.array([1, 2, 1, 1]))
     st = V.copy_stats(res, copy_ratio=0.5)  # copies: samples 0, 1, 3
     assert st["n_copies"] == 3 and st["top1_rate_copies"] == pytest.approx(2 / 3)
     assert st["top2_rate_copies"] == 1.0 and st["top1_rate_all"] == 0.75
+    assert st["median_nn_synthetic_rank_copies"] == 1.0 and "exact" not in st
+
+    # Exact distances over 9 sources for samples 1 (a copy) and 2 (not a copy).
+    exact = np.zeros((2, 9))
+    exact[0, [2, 4, 6]] = [3.0, 2.0, 1.0]  # sample 1: exact top 2 (the synthetic top-1), nearest 6 third
+    exact[1, [0, 3, 7]] = [1.0, 5.0, 4.0]  # sample 2: exact top 3, nearest 7 second, synthetic top 7, 0
+    st = V.copy_stats(dataclasses.replace(res, exact_rows=np.array([1, 2]), exact=exact), 0.5)["exact"]
+    assert st["sources"] == 9
+    assert st["copies"] == {"n": 1, "exact_top1_rate": 0.0, "median_nn_exact_rank": 3.0,
+                            "median_nn_synthetic_rank": 2.0, "synthetic_top1_is_exact_top1_rate": 1.0,
+                            "verified_top2_top1_rate": 0.0}
+    assert st["all_checked"] == {"n": 2, "exact_top1_rate": 0.0, "median_nn_exact_rank": 2.5,
+                                 "median_nn_synthetic_rank": 1.5, "synthetic_top1_is_exact_top1_rate": 0.5,
+                                 "verified_top2_top1_rate": 0.5}  # sample 2: 7 beats 0 among its top 2
+    assert [p["exact_top1"] for p in st["per_sample"]] == [2, 3]
+    assert [p["nn_exact_rank"] for p in st["per_sample"]] == [3, 2]
+
+
+def test_exact_copy_check_brute_force(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    ens, S = tiny_ensemble, tiny_ensemble.codebook.num_sources
+    tape = make_tape(range(3), ens.shape, STEPS)
+    res = V.copy_detection(ens, tape, tiny_data.x, top=S, jacobian_batch=3)
+    # nn_rank: the nearest image's position in the full synthetic order (top = all S sources here)
+    np.testing.assert_array_equal(res.nn_rank, [1 + list(res.top_sources[b]).index(res.nn_source[b])
+                                                for b in range(3)])
+    chk = V.exact_copy_check(ens, tape, res, np.array([2, 0]))
+    assert chk.exact.shape == (2, S) and list(chk.exact_rows) == [2, 0]
+    for j, b in enumerate([2, 0]):
+        for s in (0, 7, S - 1):
+            d = float((_exact(ens, b, s) - res.images[b]).flatten().norm())
+            assert chk.exact[j, s] == pytest.approx(d, rel=1e-4, abs=1e-5)
+    st = V.copy_stats(chk, copy_ratio=1e9)["exact"]
+    top1 = chk.exact.argmax(1)
+    assert st["all_checked"]["exact_top1_rate"] == pytest.approx(np.mean(top1 == res.nn_source[[2, 0]]))
+    # with every source in the synthetic top list, verification is the exact top-1
+    assert st["all_checked"][f"verified_top{S}_top1_rate"] == st["all_checked"]["exact_top1_rate"]

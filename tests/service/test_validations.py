@@ -49,14 +49,15 @@ def comparable(report: dict) -> dict:
 
 def test_copies_job_runs_what_the_cli_runs(svc: Service, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    body = {"experiment": "copies", "samples": 4, "steps": 4, "top": 3, "train": {"subset": 40, **TINY_TRAIN}}
+    body = {"experiment": "copies", "samples": 4, "steps": 4, "top": 3, "exact": "all",
+            "train": {"subset": 40, **TINY_TRAIN}}
     acc = post(svc, body)
     assert acc["url"] == f"/validations/{acc['job_id']}" and acc["experiment"] == "copies"
     v = get(svc, acc["job_id"])
     assert v["status"] == "queued" and v["report"] is None and v["passed"] is None and v["figures"] == {}
     assert v["request"] == body
     flags = v["options"]
-    assert flags == ["--samples", "4", "--steps", "4", "--top", "3",
+    assert flags == ["--exact", "all", "--samples", "4", "--steps", "4", "--top", "3",
                      "--n", "8", "--preset", "tiny", "--subset", "40", "--train-steps", "6"]
     r = svc.client.get(f"/validations/{acc['job_id']}/figures/copies.png", headers=svc.op())
     assert r.status_code == 404 and "queued" in r.json()["detail"]
@@ -67,6 +68,7 @@ def test_copies_job_runs_what_the_cli_runs(svc: Service, tmp_path: Path,
     rep = v["report"]
     assert rep["experiment"].startswith("copy detection") and rep["samples"] == 4
     assert rep["ensemble"]["items"] == 40 and rep["ensemble"]["n"] == 8
+    assert rep["exact"]["all_checked"]["n"] == 4 and rep["exact"]["sources"] == 40
     assert v["passed"] is rep["passed"]
     folder = svc.settings.data_dir / "validations" / acc["job_id"]
     assert json.loads((folder / "report.json").read_text()) == rep
@@ -254,11 +256,25 @@ def test_the_job_reports_progress_through_its_stages(svc: Service) -> None:
     assert get(svc, acc["job_id"])["report"]["ensemble"]["trained_steps"] == 40
 
 
+def test_progress_stages_follow_the_options() -> None:
+    from app.cli import CLIError
+    from app.validate_cli import progress_stages
+
+    assert progress_stages("copies", []) == ("train", "jacobian")
+    assert progress_stages("copies", ["--exact", "copies"]) == ("train", "jacobian", "exact")
+    assert progress_stages("copies", ["--exact=none", "--checkpoint", "e.pt"]) == ("jacobian",)
+    assert progress_stages("classes", ["--samples", "3"]) == ("train", "sample", "exact")
+    with pytest.raises(CLIError, match="invalid options"):
+        progress_stages("copies", ["--exact", "most"])
+    with pytest.raises(CLIError, match="unknown experiment"):
+        progress_stages("styles", [])
+
+
 @pytest.mark.parametrize("body", [
     {"experiment": "classes", "exclude_classes": ["5", "7"], "classifier": "mlp", "codes": "random",
      "min_confidence": 0.8, "lpips": False},
     {"experiment": "fidelity", "sources": "all", "top": 7, "recall_k": 4, "broken": True},
-    {"experiment": "copies", "copy_ratio": 0.25, "top": 3},
+    {"experiment": "copies", "copy_ratio": 0.25, "top": 3, "exact": "copies"},
 ])
 def test_every_request_field_is_a_flag_the_cli_takes(body: dict) -> None:
     """Request fields and `attrib validate` flags stay in step: every field of every experiment,
