@@ -34,13 +34,15 @@ demo: $(STAMP)
 		--out-json $(RUNS)/attribution.json --out-png $(RUNS)/attribution.png
 	@echo "Figure: $(RUNS)/attribution.png  Report: $(RUNS)/attribution.json  Samples: $(RUNS)/samples.png"
 
-## test: create/update the venv, lint, and run the whole suite.
+## test: create/update the venv, lint (ruff, mypy), and run the whole suite.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
 
 bench-quick: $(STAMP)
 	@for b in ensemble jacobian rank api; do $(PY) bench/$$b.py --quick | tail -n 1; done
@@ -49,4 +51,4 @@ bench: $(STAMP)
 	@for b in ensemble jacobian rank api; do $(PY) bench/$$b.py | tail -n 1; done
 
 clean:
-	rm -rf $(RUNS) .pytest_cache .ruff_cache
+	rm -rf $(RUNS) .pytest_cache .ruff_cache .mypy_cache

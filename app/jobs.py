@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Table, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database
@@ -40,7 +40,7 @@ def new_job(s: Session, kind: str, payload: dict[str, Any], *, batch_id: int | N
     return str(values["id"])
 
 
-_INSERT_JOB = insert(Job.__table__)  # Core, compiled once (the ORM's insert compiles per call)
+_INSERT_JOB = insert(cast(Table, Job.__table__))  # Core, compiled once (the ORM's insert compiles per call)
 
 
 def enqueue(celery: Celery, job_ids: list[str]) -> int:

@@ -25,7 +25,7 @@ QUEUE = "attrib"
 
 
 class _AtomicChannel(filesystem.Channel):
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]  # as filesystem.Channel
         """Write the message under a hidden name, then rename it into place.
 
         kombu's own _put creates ``<time>_<uuid>.<queue>.msg`` and only then locks and fills it:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 
 def _utc(d: datetime) -> datetime:
@@ -41,18 +42,19 @@ class _SeedsIn(_In):
     ensemble_id: int | None = Field(
         None, ge=1, le=MAX_ID, description="ensemble to sample; default: the newest ready one"
     )
+    # seeds and count default to None (exactly one is given) but are not nullable in the schema
     seeds: list[SeedValue] = Field(
-        None,
+        None,  # type: ignore[arg-type]
         min_length=1,
-        json_schema_extra={"uniqueItems": True},  # type: ignore[assignment]
+        json_schema_extra={"uniqueItems": True},
         description="distinct noise seeds (0..2^53-1), one sample each; "
         "at most max_seeds_per_request (POST /generate) or max_batch_seeds "
         "(POST /batches)",
     )
-    count: int = Field(
+    count: int = Field(  # type: ignore[assignment]
         None,
         ge=1,
-        description="instead of seeds: this many consecutive seeds "  # type: ignore[assignment]
+        description="instead of seeds: this many consecutive seeds "
         "starting at seed_start (same limits as seeds)",
     )
     seed_start: int = Field(0, ge=0, le=MAX_SEED_START, description="first seed with count")
@@ -326,7 +328,7 @@ class _ValidationIn(_In):
         return own + (self.train.flags() if self.train is not None else [])
 
 
-_ENSEMBLE_OR_TRAIN = {"not": {"required": ["ensemble_id", "train"]}}
+_ENSEMBLE_OR_TRAIN: JsonDict = {"not": {"required": ["ensemble_id", "train"]}}
 
 
 class ClassesValidation(_ValidationIn):

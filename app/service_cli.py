@@ -95,7 +95,7 @@ def _owners_for(args: argparse.Namespace, ds: Any) -> list[str | None] | None:
     from app.cli import _owners
 
     if args.owners:
-        return list(_owners(args.owners, ds.N))
+        return list[str | None](_owners(args.owners, ds.N) or [])
     if args.owners_by_label:
         if ds.labels is None:
             raise ServiceError("--owners-by-label needs labelled data")

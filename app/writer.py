@@ -146,7 +146,7 @@ class Writer:
                 outcomes.update((i, (True, v)) for i, v in done.items())
                 return [outcomes[i] for i in range(len(fns))], publish
             # Leave the failed request out and run the rest again (nothing was committed).
-            i, exc = failed
-            outcomes[i] = (False, exc)
+            i, err = failed
+            outcomes[i] = (False, err)
             todo = [j for j in todo if j != i]
         return [outcomes[i] for i in range(len(fns))], []

@@ -16,6 +16,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,7 +223,7 @@ def _trunk_targets(model: nn.Module) -> dict[str, Tensor]:
     ``slice1..sliceN`` and register each layer under its original index as its name, so layer
     ``features[i]`` lives at ``model.net.slice<k>.<i>``.
     """
-    trunk = model.net
+    trunk: Any = model.net  # lpips.pretrained_networks.alexnet / vgg16
     targets: dict[str, Tensor] = {}
     for k in range(1, trunk.N_slices + 1):
         for idx, layer in getattr(trunk, f"slice{k}").named_children():
@@ -273,7 +274,8 @@ def _randomize_trunk(model: nn.Module, seed: int) -> None:
     """Re-initialise trunk convs like PyTorch's default init, from a private seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.net.modules():
+        trunk: Any = model.net
+        for module in trunk.modules():
             if isinstance(module, nn.Conv2d):
                 fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
                 bound = 1.0 / math.sqrt(fan_in)

@@ -19,6 +19,7 @@ synthetic-ablation Jacobian cost about (m + 1) forward passes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -191,6 +192,12 @@ def cat_members(a: Tensor, b: Tensor, n: int) -> Tensor:
     return out.reshape(B, -1, H, W)
 
 
+def _required(emb: Tensor | None) -> Tensor:
+    if emb is None:
+        raise ValueError("a ResBlock needs its time-embedding term (WideUNet.emb_terms)")
+    return emb
+
+
 class ResBlock(nn.Module):
     """GN -> SiLU -> conv -> + time embedding -> GN -> SiLU -> conv, plus a (1x1) skip."""
 
@@ -206,17 +213,18 @@ class ResBlock(nn.Module):
         self.conv2 = WConv(n, c_out, c_out, 3, 1, g)
         self.skip = WConv(n, c_in, c_out, 1, 1, g) if c_in != c_out else None
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """emb: this block's time-embedding term (B, n*C_out, 1, 1), see WideUNet.emb_terms."""
-        h = self.conv1(F.silu(self.norm1(x))) + emb
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        """emb: this block's time-embedding term (B, n*C_out, 1, 1), see WideUNet.emb_terms
+        (optional only in the signature every block shares)."""
+        h = self.conv1(F.silu(self.norm1(x))) + _required(emb)
         h = self.conv2(F.silu(self.norm2(h)))
         return (x if self.skip is None else self.skip(x)) + h
 
-    def jvp(self, x: Tensor, dx: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
+    def jvp(self, x: Tensor, dx: Tensor, emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h, dh = self.norm1.jvp(x, dx)
         h, dh = silu_jvp(h, dh)
         h, dh = self.conv1.jvp(h, dh)
-        h = h + emb  # the time embedding does not depend on x: no tangent
+        h = h + _required(emb)  # the time embedding does not depend on x: no tangent
         h, dh = self.norm2.jvp(h, dh)
         h, dh = silu_jvp(h, dh)
         h, dh = self.conv2.jvp(h, dh)
@@ -326,6 +334,16 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     )
     args = t.to(torch.float32)[..., None] * freqs
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+Block = ResBlock | AttnBlock | Down | Up
+
+
+def _blocks(blocks: nn.ModuleList) -> Iterator[Block]:
+    """The blocks of a WideUNet stage, typed (nn.ModuleList yields plain Modules)."""
+    for blk in blocks:
+        assert isinstance(blk, ResBlock | AttnBlock | Down | Up)
+        yield blk
 
 
 class WideUNet(nn.Module):
@@ -439,15 +457,15 @@ class WideUNet(nn.Module):
         terms = iter(self.emb_terms(self.time_embedding(t, B)))
         h, dh = self.conv_in.jvp(x_t, dx_t.reshape(m * B, *dx_t.shape[2:]))
         hs = [(h, dh)]
-        for blk in self.down:
+        for blk in _blocks(self.down):
             h, dh = blk.jvp(h, dh, next(terms))
             if isinstance(blk, AttnBlock):
                 hs[-1] = (h, dh)
             else:
                 hs.append((h, dh))
-        for blk in self.mid:
+        for blk in _blocks(self.mid):
             h, dh = blk.jvp(h, dh, next(terms))
-        for blk in self.up:
+        for blk in _blocks(self.up):
             if isinstance(blk, ResBlock):
                 s, ds = hs.pop()
                 h, dh = cat_members(h, s, self.n), cat_members(dh, ds, self.n)

@@ -229,7 +229,8 @@ def train_classifier(x: Tensor, y: np.ndarray, *, kind: str = "svc", test_fracti
     elif kind == "logreg":
         model = LogisticRegression(C=1.0, max_iter=2000)
     elif kind == "cnn":
-        model = _CNNModel(tuple(x.shape[1:]), int(y.max()) + 1, epochs=cnn_epochs, seed=seed)
+        C, H, W = x.shape[1:]
+        model = _CNNModel((C, H, W), int(y.max()) + 1, epochs=cnn_epochs, seed=seed)
     else:
         model = MLPClassifier(hidden_layer_sizes=(256,), max_iter=300, early_stopping=True,
                               random_state=seed)
@@ -556,7 +557,7 @@ def fidelity_stats(res: Fidelity, k: int = 10, targets: dict[str, float] | None 
     ``top`` of ``fidelity`` are always among the candidates, so depths up to it are exact.
     """
     targets = FIDELITY_TARGETS if targets is None else targets
-    per_sample = []
+    per_sample: list[dict[str, Any]] = []
     for b in range(len(res.seeds)):
         syn = ranking_agreement(res.synthetic[b], res.exact[b], k)
         pix = ranking_agreement(res.pixel[b], res.exact[b], k)

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Path, Query, Request, Response
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, Table, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -127,7 +127,8 @@ def _insert_ignore(s: Session, table: Any, rows: list[dict[str, Any]]) -> None:
 
 
 _GENERATION_REF = (Generation.id, Generation.seed, Generation.status)
-_NEW_GENERATIONS = {name: ins(Generation.__table__).on_conflict_do_nothing().returning(*_GENERATION_REF)
+_NEW_GENERATIONS = {name: ins(cast(Table, Generation.__table__)).on_conflict_do_nothing()
+                    .returning(*_GENERATION_REF)
                     for name, ins in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
 
 
@@ -136,7 +137,7 @@ def _generations(s: Session, ensemble_id: int, seeds: list[int], steps: int) -> 
     its (id, seed, status), in the order of ``seeds``. New ones come back from the INSERT itself;
     only those that existed are read apart."""
     c, now = s.connection(), utcnow()
-    have: dict[int, Row[Any]] = {}
+    have: dict[int, Any] = {}  # seed -> Row (id, seed, status)
     for part in _chunks(list(dict.fromkeys(seeds))):
         new = [dict(ensemble_id=ensemble_id, seed=sd, steps=steps, status="pending", created_at=now)
                for sd in part]

@@ -143,6 +143,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path) -> None:
     assert final.train_state is not None and final.train_state["step"] == 10
     _assert_same(ref, final)
     # the optimiser moments match the uninterrupted run too
+    assert ref.train_state is not None
     s_ref, s_fin = ref.train_state["optimizer"]["state"], final.train_state["optimizer"]["state"]
     assert s_ref.keys() == s_fin.keys()
     for key in s_ref:

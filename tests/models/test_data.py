@@ -110,7 +110,7 @@ def test_dataset_error_is_value_error() -> None:
 def test_fingerprint_stable_and_sensitive() -> None:
     ds = _make_ds()
     fp = ds.fingerprint()
-    assert len(fp) == 64 and int(fp, 16) >= 0
+    assert len(fp) == 64 and int(fp, 16) >= 0 and ds.labels is not None
     # Same content, fresh arrays -> same fingerprint; name/refs do not matter.
     twin = ImageDataset("other", ds.images.copy(), ds.labels.copy(), ds.label_names, ds.refs[::-1])
     assert twin.fingerprint() == fp
@@ -182,7 +182,7 @@ def test_to_tensor_mapping() -> None:
 def test_subset_keeps_alignment() -> None:
     ds = _make_ds(n=6)
     sub = ds.subset([4, 1, -1])
-    assert sub.N == 3
+    assert sub.N == 3 and ds.labels is not None
     np.testing.assert_array_equal(sub.images, ds.images[[4, 1, 5]])
     np.testing.assert_array_equal(sub.labels, ds.labels[[4, 1, 5]])
     assert sub.refs == ("toy:4", "toy:1", "toy:5")
@@ -255,7 +255,7 @@ def test_load_npz_nhw_roundtrip(tmp_path: Path) -> None:
     assert ds.images.shape == (7, 1, 6, 5)
     np.testing.assert_array_equal(ds.images[:, 0], imgs)
     np.testing.assert_array_equal(ds.labels, labels)
-    assert ds.labels.dtype == np.int64
+    assert ds.labels is not None and ds.labels.dtype == np.int64
     assert ds.label_names == ("0", "1", "2", "3")
     assert ds.refs[4] == "small.npz:4"
     assert load_dataset(str(p)).fingerprint() == ds.fingerprint()

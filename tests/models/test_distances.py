@@ -4,6 +4,7 @@ import re
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -199,7 +200,7 @@ def test_weights_file_round_trip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert metric.backbone_path == path
 
     saved = {k: v for k, v in torch.load(path).items() if k.startswith("features.")}
-    trunk = metric.model.net
+    trunk: Any = metric.model.net
     loaded = {
         f"features.{idx}.{name}": t
         for k in range(1, trunk.N_slices + 1)

@@ -29,7 +29,8 @@ from worker.tasks import WorkerState, execute_job
 OWNERS = ("alice", "bob", "carol")
 
 
-def owner_of_label(label: int) -> str:
+def owner_of_label(label: int | None) -> str:
+    assert label is not None, "the test data sets are labelled"
     return OWNERS[label % 3]
 
 
