@@ -31,7 +31,7 @@ import _common as C
 import torch
 from torch import Tensor
 
-from models.ablation import ablation_weights, delta_w, gram, jacobian, rank_codes
+from models.ablation import ablation_weights, gram, jacobian, rank_codes
 from models.codes import unpack_bits
 from models.sampler import NoiseTape, exact_counterfactuals, full_weights, make_tape, run_sampler, sample
 from models.schedule import NoiseSchedule
@@ -168,7 +168,7 @@ def main() -> None:
     bits = torch.from_numpy(unpack_bits(codes, n))
     top = min(args.top or N, N)
     t_gram, G = C.measure(lambda: gram(J), repeats)
-    t_rank, _ = C.measure(lambda: rank_codes(G, delta_w(bits, k), top), repeats)
+    t_rank, _ = C.measure(lambda: rank_codes(G, bits, k, top), repeats)
     synthetic = t_j.wall + t_gram.wall + t_rank.wall
     out["synthetic_all_seconds"] = round(synthetic, 4)
     out["gram_seconds"] = round(t_gram.wall, 5)

@@ -27,9 +27,19 @@ def ablation_weights(bits: Tensor, k: int) -> Tensor:
     return (1.0 - bits.to(torch.float64)) / (n - k)
 
 
-def delta_w(bits: Tensor, k: int) -> Tensor:
-    """dw(c) = (1 - c)/(n - k) - 1/n: (M, n) bits -> (M, n) float64. For k = n/2, (1 - 2c)/n."""
-    return ablation_weights(bits, k) - 1.0 / bits.shape[-1]
+def delta_w(bits: Tensor, k: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """dw(c) = (1 - c)/(n - k) - 1/n: (M, n) bits -> (M, n) ``dtype``. For k = n/2, (1 - 2c)/n.
+
+    Integer or bool bits take one pass that writes one of the two values (the same float64
+    numbers the formula gives, rounded once to ``dtype``): at a million codes the float64
+    formula's several passes over (M, n) doubles cost more than ranking them.
+    """
+    n = bits.shape[-1]
+    if bits.is_floating_point():
+        return (ablation_weights(bits, k) - 1.0 / n).to(dtype)
+    kept = torch.tensor(1.0 / (n - k) - 1.0 / n, dtype=dtype, device=bits.device)
+    dropped = torch.tensor(-1.0 / n, dtype=dtype, device=bits.device)
+    return torch.where(bits != 0, dropped, kept)
 
 
 def jacobian(net: WideUNet, schedule: NoiseSchedule, tape: NoiseTape, w: Tensor | None = None,
@@ -100,35 +110,35 @@ def influence(G: Tensor, dW: Tensor) -> Tensor:
     return q.clamp_min(0.0).sqrt()
 
 
-def rank_codes(G: Tensor, dW: Tensor, top: int, *, chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
+def rank_codes(G: Tensor, bits: Tensor, k: int, top: int, *, chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
     """Top ``top`` codes by synthetic influence for every sample.
 
-    Costs O(M n^2) per sample and never touches pixels. Computed in float32 chunks of
-    ``chunk`` codes (the quadratic form of a Gram matrix is well conditioned enough for
-    ranking; scores are recomputed in float64 for the winners).
+    Costs O(M n^2) per sample and never touches pixels. Scored in float32 chunks of ``chunk``
+    codes, dw built per chunk straight from the bits (the quadratic form of a Gram matrix is
+    well conditioned enough for ranking); the winners' scores are recomputed in float64.
 
     Args:
-        G: (B, n, n); dW: (M, n).
+        G: (B, n, n); bits: (M, n) code bits c in {0, 1} (uint8, bool or integer); k: code weight.
     Returns:
-        scores (B, top) float64, descending; index (B, top) long into dW's rows.
+        scores (B, top) float64, descending; index (B, top) long into the rows of ``bits``.
     """
-    M = dW.shape[0]
+    M, B = bits.shape[0], G.shape[0]
     top = min(top, M)
     G32 = G.to(torch.float32)
-    dW32 = dW.to(torch.float32)  # converted once, not once per sample
-    best_s, best_i = [], []
-    for b in range(G.shape[0]):
-        cand_s, cand_i = [], []
-        for m0 in range(0, M, chunk):
-            d = dW32[m0 : m0 + chunk]
+    cand_s: list[list[Tensor]] = [[] for _ in range(B)]
+    cand_i: list[list[Tensor]] = [[] for _ in range(B)]
+    for m0 in range(0, M, chunk):
+        d = delta_w(bits[m0 : m0 + chunk], k, torch.float32)  # built once for every sample
+        for b in range(B):
             q = ((d @ G32[b]) * d).sum(dim=1)
             s, i = torch.topk(q, min(top, len(q)))
-            cand_s.append(s)
-            cand_i.append(i + m0)
-        s_all, i_all = torch.cat(cand_s), torch.cat(cand_i)
-        s, pos = torch.topk(s_all, top)
-        idx = i_all[pos]
-        exact = influence(G[b : b + 1], dW[idx])[0]
+            cand_s[b].append(s)
+            cand_i[b].append(i + m0)
+    best_s, best_i = [], []
+    for b in range(B):
+        s, pos = torch.topk(torch.cat(cand_s[b]), top)
+        idx = torch.cat(cand_i[b])[pos]
+        exact = influence(G[b : b + 1], delta_w(bits[idx], k))[0]
         order = torch.argsort(exact, descending=True)
         best_s.append(exact[order])
         best_i.append(idx[order])

@@ -113,11 +113,11 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
     if cfg.metric == "lpips" and lpips is None:
         raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
     book = ens.codebook
-    dW = delta_w(torch.from_numpy(book.bits()), book.k)  # (S, n)
+    bits = torch.from_numpy(book.bits())  # (S, n)
     G = gram(J)
     n_cand = min(cfg.rerank if cfg.metric == "lpips" else cfg.top_k, book.num_sources)
-    cand_scores, cand_idx = rank_codes(G, dW, n_cand)
-    preds = predicted_counterfactuals(f, J, dW[cand_idx]).clamp(-1, 1)  # (B, R, C, H, W)
+    cand_scores, cand_idx = rank_codes(G, bits, book.k, n_cand)
+    preds = predicted_counterfactuals(f, J, delta_w(bits[cand_idx], book.k)).clamp(-1, 1)  # (B, R, C, H, W)
 
     results = []
     for b in range(f.shape[0]):

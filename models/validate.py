@@ -475,7 +475,7 @@ def fidelity(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, subset: int | N
         cands.append(c.numpy())
     sample_index = torch.cat([torch.full((len(c),), b, dtype=torch.long) for b, c in enumerate(cands)])
     sources = torch.from_numpy(np.concatenate(cands)).long()
-    dW = delta_w(torch.from_numpy(book.bits()), book.k).float()
+    dW = delta_w(torch.from_numpy(book.bits()), book.k, torch.float32)
     exact = np.zeros(len(sources))
     rel = np.zeros(len(sources))
     best: dict[int, tuple[float, int, Tensor, Tensor]] = {}

@@ -53,6 +53,11 @@ def test_ablation_weights_and_delta() -> None:
     torch.testing.assert_close(delta_w(bits, 3), (1.0 - 2.0 * bits.double()) / 6)
     bits5 = torch.from_numpy(unpack_bits(all_codes(5, 2), 5))
     torch.testing.assert_close(delta_w(bits5, 2), (1 - bits5.double()) / 3 - 0.2)
+    # uint8, bool and float bits give exactly the float64 formula; float32 is its rounding
+    formula = (1.0 - bits5.double()) / 3 - 1.0 / 5
+    for b in (bits5, bits5.bool(), bits5.long(), bits5.double()):
+        assert torch.equal(delta_w(b, 2), formula), b.dtype
+        assert torch.equal(delta_w(b, 2, torch.float32), formula.float()), b.dtype
 
 
 # ----------------------------------------------------------------------------- Jacobian
@@ -161,11 +166,11 @@ def test_rank_codes_equals_argsort_of_brute_force(jac: tuple[torch.Tensor, torch
     codes = all_codes(n, k)
     if only_with_top_bit:
         codes = codes[(codes >> (n - 1)) & 1 == 1]
-    dW = delta_w(torch.from_numpy(unpack_bits(codes, n)), k)
-    brute = _brute_influence(J, dW)
+    bits = torch.from_numpy(unpack_bits(codes, n))
+    brute = _brute_influence(J, delta_w(bits, k))
     top = 10
     for chunk in (1 << 18, 7):
-        scores, index = rank_codes(gram(J), dW, top, chunk=chunk)
+        scores, index = rank_codes(gram(J), bits, k, top, chunk=chunk)
         assert scores.shape == index.shape == (2, top)
         for b in range(2):
             order = torch.argsort(brute[b], descending=True)[:top]
@@ -177,9 +182,10 @@ def test_rank_codes_with_complement_ties(tiny_ensemble: Ensemble,
                                          jac: tuple[torch.Tensor, torch.Tensor]) -> None:
     _, J = jac
     book = tiny_ensemble.codebook
-    dW = delta_w(torch.from_numpy(book.bits()), book.k)
+    bits = torch.from_numpy(book.bits())
+    dW = delta_w(bits, book.k)
     brute = _brute_influence(J, dW)
-    scores, index = rank_codes(gram(J), dW, 2 * len(dW))  # top > M is clipped to M
+    scores, index = rank_codes(gram(J), bits, book.k, 2 * len(dW))  # top > M is clipped to M
     assert scores.shape == (2, len(dW))
     for b in range(2):
         assert sorted(index[b].tolist()) == list(range(len(dW)))
