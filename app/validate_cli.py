@@ -392,6 +392,7 @@ def cmd_copies(args: argparse.Namespace) -> dict[str, Any]:
     if "exact" in st:
         ex = st["exact"]
         for e in ex.pop("per_sample"):
+            e["exact_top1"] = ens.codebook.source_keys[e["exact_top1"]]
             report["per_sample"][e.pop("sample")]["exact"] = e
         report["exact"] = ex
     _copies_figure(args, res, st, ens, x_train)
@@ -413,8 +414,10 @@ def _copies_figure(args: argparse.Namespace, res: V.CopyDetection, st: dict[str,
                    x_train: torch.Tensor) -> None:
     book = ens.codebook
     order = sorted(range(len(res.seeds)), key=lambda i: (not st["is_copy"][i], res.nn_dist[i]))[: args.grid]
-    exact_top1 = {int(r): int(res.exact[j].argmax()) for j, r in enumerate(res.exact_rows)}
-    header = ["sample", "nearest", "top-1"] + (["exact #1"] if exact_top1 else [])
+    checked, exact_top1 = res.exact is not None, {}
+    if res.exact is not None:
+        exact_top1 = {int(r): int(row.argmax()) for r, row in zip(res.exact_rows, res.exact, strict=True)}
+    header = ["sample", "nearest", "top-1"] + (["exact #1"] if checked else [])
     rows, labels, marks = [], [], []
 
     def image_of(source: int) -> torch.Tensor:
@@ -423,7 +426,7 @@ def _copies_figure(args: argparse.Namespace, res: V.CopyDetection, st: dict[str,
     for i in order:
         cells = [res.images[i], x_train[int(res.nn_item[i])], image_of(int(res.top_sources[i, 0]))]
         mark = [False, False, not st["hit"][i]]
-        if exact_top1:  # samples not checked exactly get an empty (black) cell
+        if checked:  # samples not checked exactly get an empty (black) cell
             src = exact_top1.get(i)
             cells.append(-torch.ones_like(res.images[i]) if src is None else image_of(src))
             mark.append(src is not None and src != int(res.nn_source[i]))

@@ -617,8 +617,9 @@ class CopyDetection:
         nn_source: (B,) the source of the nearest training image.
         nn_rank: (B,) its rank under the synthetic scores (1 = top).
         exact_rows: (R,) the samples whose exact counterfactuals were computed (see
-            ``exact_copy_check``), empty if none.
-        exact: (R, S) their exact counterfactual distance with each source ablated.
+            ``exact_copy_check``; R may be 0).
+        exact: (R, S) their exact counterfactual distance with each source ablated, or None
+            when no exact check was asked for.
     """
 
     seeds: list[int]
@@ -630,7 +631,7 @@ class CopyDetection:
     nn_source: np.ndarray
     nn_rank: np.ndarray
     exact_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    exact: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    exact: np.ndarray | None = None
 
 
 def nearest_training(images: Tensor, x_train: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
@@ -709,7 +710,7 @@ def copy_stats(res: CopyDetection, copy_ratio: float = 0.5) -> dict[str, Any]:
         "median_nn_synthetic_rank_copies": float(np.median(res.nn_rank[is_copy])) if n else float("nan"),
         "is_copy": is_copy.tolist(), "hit": hit1.tolist(),
     }
-    if len(res.exact_rows):
+    if res.exact is not None:
         out["exact"] = exact_copy_stats(res, is_copy)
     return out
 
@@ -722,6 +723,7 @@ def exact_copy_stats(res: CopyDetection, is_copy: np.ndarray) -> dict[str, Any]:
     exact distances) puts the nearest image first (``verified_top1_rate``). ``per_sample``
     is aligned with ``res.exact_rows``."""
     rows, exact = res.exact_rows, res.exact
+    assert exact is not None, "exact_copy_check first"
     nn_src, top = res.nn_source[rows], res.top_sources[rows]
     exact_top1 = exact.argmax(axis=1)
     verified = top[np.arange(len(rows)), exact[np.arange(len(rows))[:, None], top].argmax(axis=1)]

@@ -133,9 +133,19 @@ def test_copies_exact_check(tmp_path: Path) -> None:
     rate = np.mean([s["exact"]["exact_top1_is_nearest"] for s in checked])
     assert r["exact"]["copies"]["exact_top1_rate"] == pytest.approx(rate)
     assert all(1 <= s["exact"]["nn_exact_rank"] <= 40 for s in checked)
+    assert all(s["exact"]["exact_top1"].startswith("item:") for s in checked)
+    hit = [s["exact"]["exact_top1"] == f"item:{s['nn_item']}" for s in checked]
+    assert [s["exact"]["exact_top1_is_nearest"] for s in checked] == hit
     # the same samples as without --exact: the synthetic part is unchanged
     assert [s["top_sources"] for s in r["per_sample"]] == [s["top_sources"] for s in p["per_sample"]]
     assert Image.open(out / "copies.png").size[0] > Image.open(tmp_path / "plain" / "copies.png").size[0]
+
+    # asked for, with no near-copies: reported as such, nothing ablated
+    none = tmp_path / "none"
+    assert main(["validate", "copies", "--out", str(none), "--subset", "40", "--samples", "4", *TINY,
+                 "--copy-ratio", "1e-9", "--exact", "copies"]) == 0
+    r = _report(none)
+    assert r["n_copies"] == 0 and r["exact"]["copies"] == {"n": 0} and r["exact"]["all_checked"] == {"n": 0}
 
 
 def test_validate_errors_exit_2(tmp_path: Path, classes_out: Path,
