@@ -322,6 +322,7 @@ def test_exact_copy_check_brute_force(tiny_ensemble: Ensemble, tiny_data: TinyDa
     np.testing.assert_array_equal(res.nn_rank, [1 + list(res.top_sources[b]).index(res.nn_source[b])
                                                 for b in range(3)])
     chk = V.exact_copy_check(ens, tape, res, np.array([2, 0]))
+    assert chk.exact is not None and res.exact is None
     assert chk.exact.shape == (2, S) and list(chk.exact_rows) == [2, 0]
     for j, b in enumerate([2, 0]):
         for s in (0, 7, S - 1):
