@@ -124,6 +124,7 @@ def rank_codes(G: Tensor, bits: Tensor, k: int, top: int, *, chunk: int = 1 << 1
     """
     M, B = bits.shape[0], G.shape[0]
     top = min(top, M)
+    bits = bits.to(G.device)  # codes live on the CPU; G where its Jacobian was computed
     G32 = G.to(torch.float32)
     cand_s: list[list[Tensor]] = [[] for _ in range(B)]
     cand_i: list[list[Tensor]] = [[] for _ in range(B)]

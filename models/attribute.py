@@ -113,7 +113,7 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
     if cfg.metric == "lpips" and lpips is None:
         raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
     book = ens.codebook
-    bits = torch.from_numpy(book.bits())  # (S, n)
+    bits = torch.from_numpy(book.bits()).to(J.device)  # (S, n)
     G = gram(J)
     n_cand = min(cfg.rerank if cfg.metric == "lpips" else cfg.top_k, book.num_sources)
     cand_scores, cand_idx = rank_codes(G, bits, book.k, n_cand)
