@@ -3,6 +3,7 @@ on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,17 @@ from app.orm import Base
 from tests.service.services import fresh_postgres
 
 
-def _roundtrip(url: str) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind the service runs on."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'm.db'}"
+    else:
+        with fresh_postgres() as pg:
+            yield pg
+
+
+def test_roundtrip(url: str) -> None:
     migrate.upgrade(url)
     migrate.check(url)  # raises when the ORM and the migrations differ
     engine = create_engine(url)
@@ -28,22 +39,13 @@ def _roundtrip(url: str) -> None:
     engine.dispose()
 
 
-def test_sqlite(tmp_path: Path) -> None:
-    _roundtrip(f"sqlite:///{tmp_path / 'm.db'}")
-
-
-def test_postgres() -> None:
-    with fresh_postgres() as url:
-        _roundtrip(url)
-
-
 def _job(c: Connection, jid: str, kind: str) -> None:
     c.execute(text("INSERT INTO job (id, kind, status, progress, payload, attempts, created_at, updated_at) "
                    "VALUES (:id, :kind, 'queued', 0, '{}', 0, '2026-01-01', '2026-01-01')"),
               {"id": jid, "kind": kind})
 
 
-def _validate_jobs(url: str) -> None:
+def test_validate_jobs_migration(url: str) -> None:
     """0001 -> 0002 keeps the jobs and admits kind 'validate' (nothing else new); back to 0001
     drops the validate jobs and keeps the others."""
     migrate.upgrade(url, "0001")
@@ -64,15 +66,6 @@ def _validate_jobs(url: str) -> None:
     with engine.begin() as c:
         assert c.execute(text("SELECT id FROM job")).scalars().all() == ["old"]
     engine.dispose()
-
-
-def test_validate_jobs_migration_sqlite(tmp_path: Path) -> None:
-    _validate_jobs(f"sqlite:///{tmp_path / 'm.db'}")
-
-
-def test_validate_jobs_migration_postgres() -> None:
-    with fresh_postgres() as url:
-        _validate_jobs(url)
 
 
 def test_check_detects_a_model_change(tmp_path: Path) -> None:
