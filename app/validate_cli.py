@@ -20,7 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.cli import CLIError, _device, _load_data, _load_ensemble, _log, build_parser
+from app.cli.common import CLIError
+from app.cli.common import device as _device
+from app.cli.common import load_data as _load_data
+from app.cli.common import load_ensemble as _load_ensemble
+from app.cli.common import log as _log
 from models import plots
 from models import validate as V
 from models.codes import CapacityError, CodeBook, default_k, make_codebook
@@ -559,6 +563,8 @@ def _parse(experiment: str, options: list[str], out: Path, device: str) -> argpa
         raise CLIError(f"unknown experiment {experiment!r} (one of {', '.join(STAGES)})")
     try:
         argv = ["validate", experiment, "--out", str(out), "--device", device, "--json", *options]
+        from app.cli.main import build_parser  # the parser registers this module's commands
+
         return build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse's way of refusing
         raise CLIError(f"invalid options {options!r} for validate {experiment}") from exc

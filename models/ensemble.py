@@ -24,6 +24,19 @@ FORMAT = "attrib-ensemble"
 VERSION = 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """A device name as the CLI and the settings take it: ``auto`` (CUDA when present), ``cpu``,
+    ``cuda`` or ``cuda:N``. Asking for CUDA where there is none is a ValueError, not a later crash."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"not a device name ({exc})") from exc
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named network size with training defaults. Image shape comes from the data."""

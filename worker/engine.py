@@ -30,7 +30,7 @@ from app.settings import Settings
 from models.ablation import gram, jacobian
 from models.attribute import AttributionConfig, SampleAttribution, attribute_exact, rank_sources, verify
 from models.distances import LPIPSMetric, load_lpips
-from models.ensemble import Ensemble
+from models.ensemble import Ensemble, resolve_device
 from models.images import png_bytes
 from models.sampler import make_tape, sample
 from models.unet import WideUNet
@@ -93,12 +93,6 @@ class EngineCache:
             except Exception as exc:  # LPIPSUnavailable and friends: permanent, explained
                 raise JobError(f"metric 'lpips' is unavailable on this worker: {exc}") from exc
         return self._lpips
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- storage
@@ -251,7 +245,7 @@ def run_validate(db: Database, cache: EngineCache, job: Job, progress: Progress)
     """Run `attrib validate EXPERIMENT OPTIONS...` (app.validate_cli.run) in a folder of its own
     under ``data_dir/validations`` and store its report and PNG figures with the job. A retried
     job starts again from nothing."""
-    from app.cli import CLIError
+    from app.cli.common import CLIError
     from app.validate_cli import progress_stages, run
     from models.data import DatasetError
 

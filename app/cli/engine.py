@@ -1,7 +1,6 @@
-"""`attrib`: train an encoded ensemble, generate from it, and attribute its samples.
+"""`attrib train|generate|attribute|info`: the engine's commands.
 
-Thin glue over models/: parse flags, load data and checkpoints, show progress, write
-PNG and JSON. Errors are one clear line on stderr and exit status 2.
+Thin glue over models/: turn flags into calls, show progress, write PNG and JSON.
 """
 
 from __future__ import annotations
@@ -10,16 +9,29 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from app.runtime import tune_malloc
+from app.cli.common import (
+    DEFAULT_CKPT,
+    CLIError,
+    add_device_flag,
+    add_json_flag,
+    device,
+    emit,
+    load_data,
+    load_ensemble,
+    log,
+    read_owners_csv,
+    sampling_steps,
+)
 from models.attribute import METRICS, AttributionConfig, SampleAttribution, attribute
 from models.codes import GRANULARITIES, CapacityError, default_k, make_codebook
-from models.data import DatasetError, ImageDataset, load_dataset
+from models.data import ImageDataset
 from models.distances import LPIPSMetric, LPIPSUnavailable, load_lpips
 from models.ensemble import PRESETS, DatasetInfo, Ensemble
 from models.images import attribution_figure, grid
@@ -27,136 +39,73 @@ from models.sampler import make_tape, sample
 from models.train import TrainConfig, train
 from models.unet import num_parameters
 
-DEFAULT_CKPT = "runs/digits.pt"
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _load_data(spec: str, subset: int | None, subset_seed: int) -> ImageDataset:
-    ds = load_dataset(spec)
-    if subset is not None:
-        ds = ds.sample(subset, subset_seed)
-    return ds
-
-
-def _owners(path: str | None, num_items: int) -> list[str] | None:
-    """A CSV of `item_index,owner` lines (header optional) -> one owner per item."""
-    if path is None:
-        return None
-    owners: list[str | None] = [None] * num_items
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        parts = [p.strip() for p in line.split(",")]
-        if not line.strip() or (lineno == 1 and not parts[0].isdigit()):
-            continue
-        if len(parts) != 2 or not parts[0].isdigit() or not parts[1]:
-            raise CLIError(f"{path}:{lineno}: expected 'item_index,owner', got {line!r}")
-        i = int(parts[0])
-        if i >= num_items:
-            raise CLIError(f"{path}:{lineno}: item {i} out of range (dataset has {num_items})")
-        owners[i] = parts[1]
-    missing = [i for i, o in enumerate(owners) if o is None]
-    if missing:
-        raise CLIError(f"{path}: no owner for {len(missing)} items (first: item {missing[0]})")
-    return [o for o in owners if o is not None]
-
-
-def _parse_seeds(args: argparse.Namespace) -> list[int]:
-    if args.seeds:
-        try:
-            seeds: list[int] = []
-            for part in args.seeds.split(","):
-                if "-" in part.strip()[1:]:
-                    a, b = part.split("-", 1)
-                    seeds.extend(range(int(a), int(b) + 1))
-                else:
-                    seeds.append(int(part))
-        except ValueError as exc:
-            raise CLIError(f"--seeds: expected e.g. '0,5,7' or '0-15', got {args.seeds!r}") from exc
-    else:
-        seeds = list(range(args.seed_start, args.seed_start + args.count))
-    if not seeds:
-        raise CLIError("no seeds given")
-    if not all(0 <= s < 2**63 for s in seeds):
-        raise CLIError("seeds must lie in 0..2**63-1")
-    return seeds
-
-
-def _load_ensemble(path: str, device: torch.device) -> Ensemble:
-    try:
-        return Ensemble.load(path).for_inference(device)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(str(exc)) from exc
-
-
-def _steps(args: argparse.Namespace, ens: Ensemble) -> int:
-    steps = args.steps or ens.schedule.T
-    if not 1 <= steps <= ens.schedule.T:
-        raise CLIError(f"--steps must be in 1..{ens.schedule.T} (the ensemble's T)")
-    return steps
-
-
-def _emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
-    print(json.dumps(payload) if args.json else human)
-
 
 # --------------------------------------------------------------------------- train
-def cmd_train(args: argparse.Namespace) -> None:
-    device = _device(args.device)
-    out = Path(args.out)
-    ds = _load_data(args.data, args.subset, args.subset_seed)
-    preset = PRESETS[args.preset]
-    steps = args.steps if args.steps is not None else preset.train_steps
-    if out.exists() and not args.resume:
+@dataclass(frozen=True)
+class TrainRequest:
+    """What `attrib train` does, as `demo-setup` also asks for it (defaults: the flags')."""
+
+    out: Path
+    data: str = "digits"
+    subset: int | None = None
+    subset_seed: int = 0
+    preset: str = "digits"
+    n: int = 16
+    k: int | None = None
+    granularity: str = "item"
+    owners_csv: str | None = None
+    steps: int | None = None  # training steps; None: the preset's
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 200
+    resume: bool = False
+    device: str = "auto"
+
+
+def train_checkpoint(req: TrainRequest, *, progress_bar: bool = True) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue) an ensemble into ``req.out``; returns the summary
+    `attrib train --json` prints."""
+    on = device(req.device)
+    out = req.out
+    ds = load_data(req.data, req.subset, req.subset_seed)
+    preset = PRESETS[req.preset]
+    steps = req.steps if req.steps is not None else preset.train_steps
+    if out.exists() and not req.resume:
         raise CLIError(f"{out} exists: pass --resume to continue training it, or another --out")
     if out.exists():
-        ens = _load_ensemble(str(out), torch.device("cpu"))
+        ens = load_ensemble(out, torch.device("cpu"))
         if ens.dataset.fingerprint != ds.fingerprint():
             raise CLIError(f"{out} was trained on other data ({ens.dataset.name}); "
                            "--resume needs the same --data/--subset")
         state = ens.train_state or {}
-        cfg_d = state.get("config", {})
-        cfg = TrainConfig(steps, cfg_d.get("batch_size", args.batch_size or preset.batch_size),
-                          cfg_d.get("lr", args.lr or preset.lr), cfg_d.get("seed", args.seed),
-                          args.checkpoint_every)
-        _log(f"resuming {out} at step {state.get('step', 0)} of {steps}")
+        stored = state.get("config", {})
+        cfg = TrainConfig(steps, stored.get("batch_size", req.batch_size or preset.batch_size),
+                          stored.get("lr", req.lr or preset.lr), stored.get("seed", req.seed),
+                          req.checkpoint_every)
+        log(f"resuming {out} at step {state.get('step', 0)} of {steps}")
     else:
-        n = args.n
-        k = args.k if args.k is not None else default_k(n)
-        labels = ds.labels if args.granularity == "class" else None
-        if args.granularity == "class" and labels is None:
+        k = req.k if req.k is not None else default_k(req.n)
+        labels = ds.labels if req.granularity == "class" else None
+        if req.granularity == "class" and labels is None:
             raise CLIError("--granularity class needs labelled data")
-        if args.granularity == "owner" and not args.owners:
+        if req.granularity == "owner" and not req.owners_csv:
             raise CLIError("--granularity owner needs --owners FILE.csv")
+        owners = read_owners_csv(req.owners_csv, ds.N) if req.owners_csv else None
         try:
-            book = make_codebook(ds.N, n, k, seed=args.seed, granularity=args.granularity,
-                                 labels=labels, label_names=ds.label_names,
-                                 owners=_owners(args.owners, ds.N))
+            book = make_codebook(ds.N, req.n, k, seed=req.seed, granularity=req.granularity,
+                                 labels=labels, label_names=ds.label_names, owners=owners)
         except (CapacityError, ValueError) as exc:
             raise CLIError(str(exc)) from exc
-        info = DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape, args.data, args.subset,
-                           args.subset_seed)
-        ens = Ensemble.create(preset, book, info, seed=args.seed)
-        cfg = TrainConfig(steps, args.batch_size or preset.batch_size, args.lr or preset.lr,
-                          args.seed, args.checkpoint_every)
-        _log(f"training {n} members (k={k}, {book.num_sources} {args.granularity} sources, "
-             f"{num_parameters(ens.net):,} parameters each) on {ds.N} items of {ds.name} "
-             f"{ds.shape}, preset {preset.name}, {steps} steps, device {device}")
-    ens.net.to(device)
-    bar = _progress_bar(steps, (ens.train_state or {}).get("step", 0), args.json)
+        info = DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape, req.data, req.subset, req.subset_seed)
+        ens = Ensemble.create(preset, book, info, seed=req.seed)
+        cfg = TrainConfig(steps, req.batch_size or preset.batch_size, req.lr or preset.lr, req.seed,
+                          req.checkpoint_every)
+        log(f"training {req.n} members (k={k}, {book.num_sources} {req.granularity} sources, "
+            f"{num_parameters(ens.net):,} parameters each) on {ds.N} items of {ds.name} "
+            f"{ds.shape}, preset {preset.name}, {steps} steps, device {on}")
+    ens.net.to(on)
+    bar = _progress_bar(steps, (ens.train_state or {}).get("step", 0)) if progress_bar else None
     t0 = time.perf_counter()
 
     def progress(step: int, losses: torch.Tensor) -> None:
@@ -172,43 +121,72 @@ def cmd_train(args: argparse.Namespace) -> None:
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0
-    _emit(args, {"checkpoint": str(out), "steps": steps, "seconds": round(seconds, 2),
-                 "n": ens.n, "k": ens.k, "sources": ens.codebook.num_sources},
-          f"saved {out} ({steps} steps, {seconds:.1f} s)")
+    return {"checkpoint": str(out), "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+            "n": ens.n, "k": ens.k, "sources": ens.codebook.num_sources}
 
 
-def _progress_bar(total: int, initial: int, quiet: bool) -> Any:
-    if quiet:
-        return None
+def _progress_bar(total: int, initial: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    req = TrainRequest(
+        out=Path(args.out), data=args.data, subset=args.subset, subset_seed=args.subset_seed,
+        preset=args.preset, n=args.n, k=args.k, granularity=args.granularity, owners_csv=args.owners,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device)
+    result = train_checkpoint(req, progress_bar=not args.json)
+    emit(args.json, result,
+         f"saved {result['checkpoint']} ({result['steps']} steps, {result['seconds']:.1f} s)")
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds`` ('0,5,7', '0-15') or ``--count`` from ``--seed-start``."""
+    if args.seeds:
+        try:
+            seeds: list[int] = []
+            for part in args.seeds.split(","):
+                if "-" in part.strip()[1:]:
+                    first, last = part.split("-", 1)
+                    seeds.extend(range(int(first), int(last) + 1))
+                else:
+                    seeds.append(int(part))
+        except ValueError as exc:
+            raise CLIError(f"--seeds: expected e.g. '0,5,7' or '0-15', got {args.seeds!r}") from exc
+    else:
+        seeds = list(range(args.seed_start, args.seed_start + args.count))
+    if not seeds:
+        raise CLIError("no seeds given")
+    if not all(0 <= s < 2**63 for s in seeds):
+        raise CLIError("seeds must lie in 0..2**63-1")
+    return seeds
+
+
 # ------------------------------------------------------------------------ generate
 def cmd_generate(args: argparse.Namespace) -> None:
-    device = _device(args.device)
-    ens = _load_ensemble(args.ckpt, device)
-    seeds = _parse_seeds(args)
-    steps = _steps(args, ens)
+    on = device(args.device)
+    ens = load_ensemble(args.ckpt, on)
+    seeds = _seeds(args)
+    steps = sampling_steps(args.steps, ens)
     t0 = time.perf_counter()
     x = sample(ens.net, ens.schedule, make_tape(seeds, ens.shape, steps))
     seconds = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid(x, ncol=min(8, len(seeds)), scale=args.scale).save(args.out)
-    _emit(args, {"png": args.out, "seeds": seeds, "steps": steps, "seconds": round(seconds, 3)},
+    emit(args.json, {"png": args.out, "seeds": seeds, "steps": steps, "seconds": round(seconds, 3)},
           f"wrote {args.out} ({len(seeds)} samples, {steps} steps, {seconds:.1f} s)")
 
 
 # ----------------------------------------------------------------------- attribute
 def cmd_attribute(args: argparse.Namespace) -> None:
-    device = _device(args.device)
-    ens = _load_ensemble(args.ckpt, device)
-    seeds = _parse_seeds(args)
-    steps = _steps(args, ens)
+    on = device(args.device)
+    ens = load_ensemble(args.ckpt, on)
+    seeds = _seeds(args)
+    steps = sampling_steps(args.steps, ens)
     spec = args.data or ens.dataset.spec
-    ds = _load_data(spec, ens.dataset.subset, ens.dataset.subset_seed)
+    ds = load_data(spec, ens.dataset.subset, ens.dataset.subset_seed)
     if ds.fingerprint() != ens.dataset.fingerprint:
         raise CLIError(f"--data {spec!r} is not the data {args.ckpt} was trained on "
                        f"(fingerprint mismatch)")
@@ -220,7 +198,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     lpips: LPIPSMetric | None = None
     if args.metric == "lpips" or args.lpips_random_trunk:
         try:
-            lpips = load_lpips(random_trunk=args.lpips_random_trunk, device=device)
+            lpips = load_lpips(random_trunk=args.lpips_random_trunk, device=on)
         except LPIPSUnavailable as exc:
             raise CLIError(str(exc)) from exc
     t0 = time.perf_counter()
@@ -235,7 +213,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     summary = (f"attributed {len(seeds)} samples over {ens.codebook.num_sources} sources in "
                f"{seconds:.1f} s" + (f"; wrote {args.out_json}" if args.out_json else "")
                + (f", {args.out_png}" if args.out_png else ""))
-    _emit(args, report, summary)
+    emit(args.json, report, summary)
 
 
 def _source_items(ens: Ensemble, ds: ImageDataset, s: int, limit: int = 10) -> dict[str, Any]:
@@ -288,7 +266,7 @@ def _figure(ens: Ensemble, ds: ImageDataset, results: list[SampleAttribution],
 
 # ---------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> None:
-    ens = _load_ensemble(args.ckpt, torch.device("cpu"))
+    ens = load_ensemble(args.ckpt, torch.device("cpu"))
     loads = ens.codebook.bits()[ens.codebook.item_source].sum(axis=0)
     info = {"checkpoint": args.ckpt, "preset": ens.preset, "n": ens.n, "k": ens.k,
             "T": ens.schedule.T, "granularity": ens.codebook.granularity,
@@ -297,21 +275,16 @@ def cmd_info(args: argparse.Namespace) -> None:
             "parameters_per_member": num_parameters(ens.net),
             "trained_steps": (ens.train_state or {}).get("step"),
             "items_per_member": [int(v) for v in np.asarray(loads)]}
-    _emit(args, info, json.dumps(info, indent=2))
+    emit(args.json, info, json.dumps(info, indent=2))
 
 
 # -------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="attrib",
-        description="Attributable diffusion models (encoded ensembles): train an ensemble, "
-                    "generate from it, and attribute each sample to its training data.")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_parsers(sub: Any) -> None:
+    """Register train, generate, attribute and info on the `attrib` sub-parser set ``sub``."""
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N, or auto (CUDA when present; default)")
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        add_device_flag(sp)
+        add_json_flag(sp)
 
     def seeds(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT})")
@@ -376,31 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_attribute)
 
     i = sub.add_parser("info", help="describe a checkpoint")
-    i.add_argument("--ckpt", default=DEFAULT_CKPT)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT})")
+    add_json_flag(i)
     i.set_defaults(func=cmd_info)
-
-    from app.validate_cli import add_parser as add_validate_parser  # imports this module: not at top
-    add_validate_parser(sub)
-
-    from app.service_cli import add_parsers as add_service_parsers
-
-    add_service_parsers(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from app.service_cli import ServiceError
-
-    args = build_parser().parse_args(argv)
-    tune_malloc()
-    try:
-        args.func(args)
-    except (CLIError, DatasetError, ServiceError) as exc:
-        print(f"attrib {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
