@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -106,3 +108,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def dialect_insert(dialect: str) -> Any:
+    """The INSERT construct with ON CONFLICT support of a dialect (PostgreSQL's or SQLite's)."""
+    return pg_insert if dialect == "postgresql" else sqlite_insert
+
+
+def insert_ignore(s: Session, table: Any, rows: list[dict[str, Any]], chunk: int = 500) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: rows created concurrently elsewhere are simply kept."""
+    insert = dialect_insert(s.get_bind().dialect.name)
+    for lo in range(0, len(rows), chunk):
+        s.execute(insert(table).values(rows[lo : lo + chunk]).on_conflict_do_nothing())

@@ -13,10 +13,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from celery import Celery
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -35,7 +34,8 @@ from app.db import Database
 from app.deps import BodyCache, KeyCache, RateLimiter, ReadPool
 from app.orm import Job
 from app.queue import make_celery
-from app.routes import operator, validations, works
+from app.routes import attributions, batches, generations, health, validations, works
+from app.routes import jobs as jobs_routes
 from app.settings import Settings, get_settings
 from app.writer import Writer
 
@@ -233,11 +233,6 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _why(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"error: {type(exc).__name__}: {first}"
-
-
 def create_app(settings: Settings | None = None, *, celery: Celery | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -291,38 +286,9 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         return JSONResponse({"detail": "database unavailable; retry later"}, status_code=503,
                             headers={"Retry-After": "5"})
 
-    app.include_router(operator.router)
-    app.include_router(works.router)
-    app.include_router(validations.router)
+    for resource in (generations, attributions, jobs_routes, batches, validations, works, health):
+        app.include_router(resource.router)
     _document_limits(app, settings)
-
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"], summary="Readiness: database and broker reachable",
-             responses={503: {"description": "a dependency is down; `failed` names it"}})
-    def readyz() -> JSONResponse:
-        checks: dict[str, str] = {}
-        try:
-            app.state.db.ping()
-            checks["database"] = "ok"
-        except Exception as exc:
-            checks["database"] = _why(exc)
-        try:
-            with app.state.celery.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=2)
-            checks["broker"] = "ok"
-        except Exception as exc:
-            checks["broker"] = _why(exc)
-        failed = [k for k, v in checks.items() if v != "ok"]
-        return JSONResponse({"status": "ready" if not failed else "unavailable", "failed": failed,
-                             "checks": checks}, status_code=503 if failed else 200)
-
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {}}}})
-    def prometheus() -> Response:
-        return Response(metrics.latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(Measure, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: before any parsing

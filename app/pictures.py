@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from models.codes import delta_w_values, unpack_bits
+
 MAX_SCALE = 32
 
 
@@ -37,15 +39,11 @@ def _encode(img: Image.Image, scale: int) -> bytes:
     return buf.getvalue()
 
 
-def ablation_delta(code: int, n: int, k: int) -> np.ndarray:
-    """dw = w' - w for dropping the members whose bit is set: w'_i = (1 - c_i)/(n - k), w_i = 1/n."""
-    c = np.array([(code >> i) & 1 for i in range(n)], dtype=np.float64)
-    return (1.0 - c) / (n - k) - 1.0 / n
-
-
 def predicted_counterfactual(sample: bytes, jacobian: bytes, shape: tuple[int, int, int],
                              code: int, n: int, k: int) -> np.ndarray:
     """f + J dw (synthetic ablation's first-order counterfactual): (C, H, W)."""
     f = np.frombuffer(sample, dtype=np.float32).astype(np.float64)
     J = np.frombuffer(jacobian, dtype=np.float32).reshape(f.size, n).astype(np.float64)
-    return (f + J @ ablation_delta(code, n, k)).reshape(shape)
+    kept, dropped = delta_w_values(n, k)
+    dw = np.where(unpack_bits(np.array([code]), n)[0] != 0, dropped, kept)
+    return (f + J @ dw).reshape(shape)

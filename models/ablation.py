@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from models.codes import delta_w_values
 from models.sampler import NoiseTape, full_weights
 from models.schedule import NoiseSchedule
 from models.unet import WideUNet
@@ -37,8 +38,7 @@ def delta_w(bits: Tensor, k: int, dtype: torch.dtype = torch.float64) -> Tensor:
     n = bits.shape[-1]
     if bits.is_floating_point():
         return (ablation_weights(bits, k) - 1.0 / n).to(dtype)
-    kept = torch.tensor(1.0 / (n - k) - 1.0 / n, dtype=dtype, device=bits.device)
-    dropped = torch.tensor(-1.0 / n, dtype=dtype, device=bits.device)
+    kept, dropped = (torch.tensor(v, dtype=dtype, device=bits.device) for v in delta_w_values(n, k))
     return torch.where(bits != 0, dropped, kept)
 
 

@@ -182,6 +182,12 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     return (bits << np.arange(bits.shape[1], dtype=np.int64)[None, :]).sum(axis=1)
 
 
+def delta_w_values(n: int, k: int) -> tuple[float, float]:
+    """The two entries of dw(c) = (1 - c)/(n - k) - 1/n, the weight change of ablating a code:
+    (kept, dropped) = (1/(n - k) - 1/n, -1/n) for members with c_i = 0 and c_i = 1."""
+    return 1.0 / (n - k) - 1.0 / n, -1.0 / n
+
+
 def satisfies_definition1(codes: np.ndarray, chunk: int = 2048) -> bool:
     """Definition 1 checked directly: for all x != x', S(x) \\ S(x') is non-empty.
 

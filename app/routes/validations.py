@@ -6,27 +6,16 @@ Handlers only check the request and write the job; the worker trains, samples, a
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Response
 from sqlalchemy import func, select
 
 from app import jobs
 from app.deps import LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
 from app.orm import Dataset, Image, Job
-from app.routes.operator import (
-    ERRORS,
-    PNG,
-    IdempotencyKey,
-    JobId,
-    _ensemble,
-    _key_in_use,
-    _replay,
-    _steps,
-    limit,
-    png_response,
-)
-from app.routes.works import Offset
+from app.routes.common import ERRORS, PNG, IdempotencyKey, JobId, Offset, PageSize, check_limit, png_response
+from app.routes.lookups import ensemble_for, key_in_use, replay, sampling_steps
 from app.schemas import (
     ValidationAccepted,
     ValidationCreate,
@@ -49,21 +38,21 @@ async def create_validation(body: ValidationCreate, _: LimitedOperatorDep, write
     experiment's ensemble (or uses `ensemble_id`'s), runs it and stores the report and its PNG
     figures: poll `GET /validations/{job_id}`. Minutes on a CPU at the default sizes."""
     if body.samples is not None:
-        limit("max_validation_samples", body.samples, settings, "samples")
+        check_limit("max_validation_samples", body.samples, settings, "samples")
     if body.train is not None and body.train.train_steps is not None:
-        limit("max_validation_train_steps", body.train.train_steps, settings, "train.train_steps")
+        check_limit("max_validation_train_steps", body.train.train_steps, settings, "train.train_steps")
     if body.steps is not None:
-        limit("max_steps", body.steps, settings, "steps")
+        check_limit("max_steps", body.steps, settings, "steps")
     return await writer.run(lambda tx: _create(tx, body, settings, idempotency_key))
 
 
 def _create(tx: Tx, body: ValidationCreate, settings: Settings,
             idempotency_key: str | None) -> ValidationAccepted:
     s = tx.s
-    old = _replay(s, idempotency_key, "validate")
+    old = replay(s, idempotency_key, "validate")
     if old is None:
         options = _data_options(tx, body, settings) + body.options()
-        with _key_in_use(idempotency_key):
+        with key_in_use(idempotency_key):
             payload = {"experiment": body.experiment, "options": options,
                        "request": body.model_dump(mode="json", exclude_unset=True)}
             job_id = jobs.new_job(s, "validate", payload, idempotency_key=idempotency_key)
@@ -78,9 +67,9 @@ def _data_options(tx: Tx, body: ValidationCreate, settings: Settings) -> list[st
     s = tx.s
     ensemble_id = getattr(body, "ensemble_id", None)
     if ensemble_id is not None:
-        ens = _ensemble(tx, ensemble_id)  # 404 / 409 as for /generate
+        ens = ensemble_for(tx, ensemble_id)  # 404 / 409 as for /generate
         if body.steps is not None:
-            _steps(body.steps, ens, settings)
+            sampling_steps(body.steps, ens, settings)
         return ["--checkpoint", ens.checkpoint]
     train = body.train
     if train is None or train.dataset_id is None:
@@ -102,9 +91,8 @@ def _data_options(tx: Tx, body: ValidationCreate, settings: Settings) -> list[st
 
 @router.get("/validations", response_model=ValidationPage, summary="Validations, newest first")
 def list_validations(_: OperatorDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
-                     limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
-                                                  "max_page_size")] = 100) -> ValidationPage:
-    limit("max_page_size", limit_, settings, "limit")
+                     limit_: PageSize = 100) -> ValidationPage:
+    check_limit("max_page_size", limit_, settings, "limit")
     total = s.scalar(select(func.count()).select_from(Job).where(Job.kind == "validate")) or 0
     jobs_ = s.scalars(select(Job).where(Job.kind == "validate")
                       .order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit_))

@@ -5,9 +5,7 @@ Another owner's work answers 404 (never 403: ids of others' works are not confir
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
@@ -15,15 +13,14 @@ from app.auth import Principal
 from app.db import Database
 from app.deps import BodyCache, DatabaseDep, OwnerDep, ReadsDep, SessionDep, SettingsDep
 from app.orm import Attribution, AttributionEntry, Generation, Image, TrainingItem
-from app.routes.operator import ERRORS, PNG, PathId, Scale, counterfactual_png, limit, png_response
+from app.routes.common import ERRORS, PNG, Offset, PageSize, PathId, Scale, check_limit, png_response
+from app.routes.lookups import counterfactual_png
 from app.schemas import InfluencePage, InfluencePublic, WorkPage, WorkPublic
 
 router = APIRouter(prefix="/works", tags=["rights holder"],
                    responses={k: v for k, v in ERRORS.items() if k != 403} | {
                        403: {"model": ERRORS[403]["model"], "description": "an operator key (use a "
                              "rights holder's key)"}})
-Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
-Limit = Annotated[int, Query(ge=1, description="page size; at most max_page_size")]
 
 
 def _own(s: Session, p: Principal, work_id: int) -> TrainingItem:
@@ -40,9 +37,8 @@ def _work_public(t: TrainingItem) -> WorkPublic:
 
 @router.get("", response_model=WorkPage, summary="Your works")
 def list_works(p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset = 0,
-               limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
-                                            "max_page_size")] = 100) -> WorkPage:
-    limit("max_page_size", limit_, settings, "limit")
+               limit_: PageSize = 100) -> WorkPage:
+    check_limit("max_page_size", limit_, settings, "limit")
     q = select(TrainingItem).where(TrainingItem.owner_id == p.owner_id)
     total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
     items = s.scalars(q.order_by(TrainingItem.id).offset(offset).limit(limit_))
@@ -65,12 +61,11 @@ def get_work_image(work_id: PathId, p: OwnerDep, s: SessionDep, scale: Scale = 1
             summary="Generations in which your work ranked in the top k")
 async def get_influence(work_id: PathId, p: OwnerDep, db: DatabaseDep, reads: ReadsDep,
                         settings: SettingsDep, request: Request, offset: Offset = 0,
-                        limit_: Annotated[int, Query(alias="limit", ge=1, description="page size; at most "
-                                                     "max_page_size")] = 100) -> Response:
+                        limit_: PageSize = 100) -> Response:
     """Newest first: every finished attribution that ranked this work, with its rank, score
     (exact where verified) and links to the generated image and to its counterfactual. A page
     is reused for `influence_cache_s` (1 s by default): a new attribution shows up within it."""
-    limit("max_page_size", limit_, settings, "limit")
+    check_limit("max_page_size", limit_, settings, "limit")
     cache: BodyCache = request.app.state.influence_cache
     key = (p.owner_id, work_id, offset, limit_)
     body = cache.get(key)
@@ -83,15 +78,15 @@ async def get_influence(work_id: PathId, p: OwnerDep, db: DatabaseDep, reads: Re
 
 _INFLUENCE = (
     select(AttributionEntry.rank, AttributionEntry.score, AttributionEntry.exact_score,
-           Attribution.id, Attribution.top_k, Attribution.method, Attribution.metric,
+           Attribution.id.label("attribution_id"), Attribution.top_k, Attribution.method, Attribution.metric,
            Attribution.finished_at, Attribution.created_at,
-           Generation.id, Generation.ensemble_id, Generation.seed)
+           Generation.id.label("generation_id"), Generation.ensemble_id, Generation.seed)
     .join(Attribution, Attribution.id == AttributionEntry.attribution_id)
     .join(Generation, Generation.id == Attribution.generation_id)
     .where(AttributionEntry.training_item_id == bindparam("work_id"), Attribution.status == "succeeded")
 )
 # The page of the caller's own work (the owner is in the join) and the total in one statement.
-_INFLUENCE_PAGE = (_INFLUENCE.add_columns(func.count().over())
+_INFLUENCE_PAGE = (_INFLUENCE.add_columns(func.count().over().label("total"))
                    .join(TrainingItem, TrainingItem.id == AttributionEntry.training_item_id)
                    .where(TrainingItem.owner_id == bindparam("owner_id"))
                    .order_by(Attribution.id.desc()).offset(bindparam("offset")).limit(bindparam("limit")))
@@ -106,17 +101,19 @@ def _influence_json(db: Database, p: Principal, work_id: int, offset: int, limit
         rows = c.execute(_INFLUENCE_PAGE, {"work_id": work_id, "owner_id": p.owner_id, "offset": offset,
                                            "limit": limit_}).all()
         if rows:
-            total = rows[0][-1]
+            total = rows[0].total
         else:  # another holder's work, none, or past the last page (no row carries the total)
             if c.scalar(_OWNER_OF, {"work_id": work_id}) != p.owner_id:
                 raise HTTPException(404, f"work {work_id} not found")
             total = c.scalar(_INFLUENCE_TOTAL, {"work_id": work_id}) if offset else 0
     base = f"/works/{work_id}/influence"
-    items = [InfluencePublic(rank=r[0], score=r[1], exact_score=r[2], attribution_id=r[3], top_k=r[4],
-                             method=r[5], metric=r[6], created_at=r[7] or r[8], generation_id=r[9],
-                             ensemble_id=r[10], seed=r[11],
-                             generation_url=f"{base}/{r[3]}/generation.png",
-                             counterfactual_url=f"{base}/{r[3]}/counterfactual.png") for r in rows]
+    items = [InfluencePublic(rank=r.rank, score=r.score, exact_score=r.exact_score,
+                             attribution_id=r.attribution_id, top_k=r.top_k, method=r.method, metric=r.metric,
+                             created_at=r.finished_at or r.created_at, generation_id=r.generation_id,
+                             ensemble_id=r.ensemble_id, seed=r.seed,
+                             generation_url=f"{base}/{r.attribution_id}/generation.png",
+                             counterfactual_url=f"{base}/{r.attribution_id}/counterfactual.png")
+             for r in rows]
     page = InfluencePage(work_id=work_id, items=items, total=total, offset=offset, limit=limit_)
     return page.model_dump_json().encode()  # built and checked once
 
