@@ -1,0 +1,192 @@
+"""Resemblance: how far ablating a source moves the sample away from the source's own image,
+and how surprising that is against decoy codes.
+
+The paper scores a source by its influence ||cf_s - f|| (cf_s: the sample without the members
+trained on s). That depends on which members a code removes, not on what the source looks like.
+Resemblance asks the causal question about the source's content:
+
+    r_s = d(cf_s, X_s) - d(f, X_s),      d(y, X) = min_{x in X} ||y - x||,
+
+X_s the source's training images (one for an item; the nearest of several for a class or owner).
+Synthetically cf_s = f + J dw_s, so for an image x with a = f - x:
+
+    ||f + J dw - x||^2 = ||a||^2 + 2 dw^T (J^T a) + dw^T G dw,
+
+and every source needs only ||a||^2 and J^T a = J^T f - J^T x per image: one pass over the
+images, (N, D) @ (D, n), chunked.
+
+Decoys: a code of weight k that no source holds removes a random k-set of members that was
+trained on nothing in particular. Scoring the decoys with a source's own image gives that
+source's null distribution; its p-value is (1 + #decoys scoring at least as high) / (1 + M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.codes import capacity, delta_w_values, unpack_bits
+
+IMAGE_CHUNK = 1 << 16
+"""Training images converted to float and multiplied per pass."""
+
+
+@dataclass(frozen=True)
+class ImageTerms:
+    """Per training image x_i and one sample f: base_sq (N,) = ||f - x_i||^2 and
+    lin (N, n) = J^T (f - x_i), float64. With G = J^T J they give the predicted distance of
+    any weight change dw: ||f + J dw - x_i||^2 = base_sq + 2 lin dw + dw^T G dw."""
+
+    base_sq: Tensor
+    lin: Tensor
+
+
+def image_terms(f: Tensor, J: Tensor, images: Tensor | np.ndarray, *, chunk: int = IMAGE_CHUNK,
+                norms_sq: Tensor | None = None) -> ImageTerms:
+    """The resemblance terms of every training image for one sample.
+
+    Args:
+        f: (C, H, W) the sample in [-1, 1]; J: (D, n) its Jacobian, D = C*H*W.
+        images: (N, C, H, W) or (N, D) training images, float in [-1, 1], or uint8 in [0, 255]
+            (mapped to [-1, 1] as u / 127.5 - 1; a numpy memmap is read chunk by chunk).
+        norms_sq: optional (N,) ||x_i||^2 precomputed (float64), saving one pass over the pixels.
+    """
+    D, n = J.shape
+    on = J.device
+    f_flat = f.reshape(D).to(device=on, dtype=torch.float32)
+    # x = scale * u + shift for uint8 images; identity for floats. J^T x and f . x both come
+    # from one product with the (D, n + 1) matrix [J | f].
+    A = torch.cat([J.to(torch.float32), f_flat[:, None]], dim=1)
+    A_sum = A.to(torch.float64).sum(dim=0)
+    N = images.shape[0]
+    jx = torch.empty(N, n + 1, dtype=torch.float64)
+    x_sq = torch.empty(N, dtype=torch.float64) if norms_sq is None else norms_sq.to(torch.float64)
+    for lo in range(0, N, chunk):
+        hi = min(N, lo + chunk)
+        block = images[lo:hi]
+        u = torch.as_tensor(np.asarray(block)) if isinstance(block, np.ndarray) else block
+        u = u.reshape(hi - lo, D).to(on)
+        if u.dtype == torch.uint8:
+            prod = (u.to(torch.float32) @ A).to(torch.float64) / 127.5 - A_sum
+            if norms_sq is None:
+                x = u.to(torch.float32) / 127.5 - 1.0
+                x_sq[lo:hi] = (x.to(torch.float64) ** 2).sum(dim=1).cpu()
+        else:
+            x = u.to(torch.float32)
+            prod = (x @ A).to(torch.float64)
+            if norms_sq is None:
+                x_sq[lo:hi] = (x.to(torch.float64) ** 2).sum(dim=1).cpu()
+        jx[lo:hi] = prod.cpu()
+    J64 = J.to(torch.float64).cpu()
+    f64 = f_flat.to(torch.float64).cpu()
+    jf = J64.T @ f64  # (n,)
+    base_sq = (f64 @ f64) - 2.0 * jx[:, n] + x_sq
+    lin = jf[None, :] - jx[:, :n]
+    return ImageTerms(base_sq.clamp_min(0.0), lin)
+
+
+def predicted_distances(terms: ImageTerms, G: Tensor, dW: Tensor) -> Tensor:
+    """||f + J dw_m - x_i|| for images i and weight changes m: dW (M, n) -> (N, M) float64."""
+    dW = dW.to(torch.float64)
+    q = torch.einsum("mi,ij,mj->m", dW, G.to(torch.float64), dW)
+    sq = terms.base_sq[:, None] + 2.0 * terms.lin @ dW.T + q[None, :]
+    return sq.clamp_min(0.0).sqrt()
+
+
+def _segment_min(values: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """min of ``values`` (N, ...) per segment id (N,) -> (num_segments, ...); +inf where empty."""
+    out = torch.full((num_segments, *values.shape[1:]), float("inf"), dtype=values.dtype)
+    index = segment.reshape(-1, *([1] * (values.ndim - 1))).expand_as(values)
+    return out.scatter_reduce(0, index, values, reduce="amin")
+
+
+def resemblance(terms: ImageTerms, G: Tensor, bits: Tensor, k: int, item_source: np.ndarray) -> Tensor:
+    """Synthetic resemblance r_s = d(f + J dw_s, X_s) - d(f, X_s) of every source (S,) float64.
+
+    bits: (S, n) the sources' code bits; item_source: (N,) the source of each training image.
+    """
+    S, n = bits.shape
+    kept, dropped = delta_w_values(n, k)
+    item_source_t = torch.as_tensor(np.asarray(item_source), dtype=torch.long)
+    # each image scored only at its own source's code: dw_s . lin_i, picked without (N, S)
+    item_bits = bits.cpu()[item_source_t].to(torch.float64)  # (N, n)
+    dW_items = kept + (dropped - kept) * item_bits
+    q = torch.einsum("si,ij,sj->s", dW_items, G.to(torch.float64).cpu(), dW_items)
+    cf_sq = terms.base_sq + 2.0 * (terms.lin * dW_items).sum(dim=1) + q
+    cf_d = _segment_min(cf_sq.clamp_min(0.0).sqrt(), item_source_t, S)
+    f_d = _segment_min(terms.base_sq.sqrt(), item_source_t, S)
+    return cf_d - f_d
+
+
+def exact_resemblance(counterfactuals: Tensor, f: Tensor, images: Tensor) -> Tensor:
+    """r = d(cf, X) - d(f, X) from computed images: counterfactuals (M, C, H, W), f (C, H, W),
+    images (M, P, C, H, W) the training images of each counterfactual's source (P of them, or
+    padded with copies of one) -> (M,) float64."""
+    cf = counterfactuals.to(torch.float64).flatten(1)[:, None, :]
+    x = images.to(torch.float64).flatten(2)
+    d_cf = (cf - x).norm(dim=-1).min(dim=1).values
+    d_f = (f.to(torch.float64).flatten()[None, None, :] - x).norm(dim=-1).min(dim=1).values
+    return d_cf - d_f
+
+
+def decoy_codes(codes_in_use: Iterable[int], n: int, k: int, count: int, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` distinct weight-k codes of length n that no source holds, (M,) int64.
+
+    Exact nulls for "removing a random k-set of members". All of them when there are at most
+    ``count`` (enumerated); otherwise drawn uniformly without replacement (rejection sampling
+    from uniformly random k-subsets), reproducibly from ``seed``.
+    """
+    used = {int(c) for c in codes_in_use}
+    free = capacity(n, k) - len(used)
+    if free <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if free <= count or capacity(n, k) <= 4 * count:
+        from itertools import combinations
+
+        every = np.array([sum(1 << i for i in combo) for combo in combinations(range(n), k)], dtype=np.int64)
+        unused = every[~np.isin(every, np.fromiter(used, dtype=np.int64, count=len(used)))]
+        if len(unused) <= count:
+            return np.sort(unused)
+        return np.sort(rng.choice(unused, size=count, replace=False))
+    chosen: set[int] = set()
+    weights = 1 << np.arange(n, dtype=np.int64)
+    while len(chosen) < count:
+        draw = np.argsort(rng.random((2 * (count - len(chosen)), n)), axis=1)[:, :k]
+        for code in (weights[draw]).sum(axis=1).tolist():
+            if code not in used and code not in chosen:
+                chosen.add(code)
+                if len(chosen) == count:
+                    break
+    return np.sort(np.fromiter(chosen, dtype=np.int64, count=count))
+
+
+def decoy_pvalues(scores: Tensor, decoy_scores: Tensor) -> Tensor:
+    """Empirical p-values (1 + #decoys scoring >= the source) / (1 + M): scores (S,), decoy_scores
+    (S, M) each source's own null -> (S,) float64."""
+    M = decoy_scores.shape[1]
+    exceed = (decoy_scores >= scores[:, None]).sum(dim=1).to(torch.float64)
+    return (1.0 + exceed) / (1.0 + M)
+
+
+def decoy_resemblance(terms: ImageTerms, G: Tensor, decoys: np.ndarray, n: int, k: int,
+                      items: Tensor, item_source: np.ndarray, sources: Tensor) -> Tensor:
+    """Synthetic resemblance of decoy codes, each scored with the images of ``sources``:
+    -> (len(sources), M) float64, d(f + J dw_m, X_s) - d(f, X_s).
+
+    items: the training images (indices into ``terms``) of the sources listed; item_source: the
+    source of each training image (to group ``items`` by source)."""
+    kept, dropped = delta_w_values(n, k)
+    dW = kept + (dropped - kept) * torch.from_numpy(unpack_bits(decoys, n)).to(torch.float64)  # (M, n)
+    sub = ImageTerms(terms.base_sq[items], terms.lin[items])
+    d_cf = predicted_distances(sub, G, dW)  # (P, M)
+    d_f = sub.base_sq.sqrt()
+    group = torch.as_tensor(np.asarray(item_source)[items.numpy()], dtype=torch.long)
+    slot = {int(s): j for j, s in enumerate(sources.tolist())}
+    seg = torch.tensor([slot[int(g)] for g in group.tolist()], dtype=torch.long)
+    num = len(sources)
+    return _segment_min(d_cf, seg, num) - _segment_min(d_f, seg, num)[:, None]
