@@ -5,6 +5,7 @@ and its statistics against scipy on the same numbers."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +319,47 @@ def test_exact_copy_check_brute_force(tiny_ensemble: Ensemble, tiny_data: TinyDa
     assert st["all_checked"]["exact_top1_rate"] == pytest.approx(np.mean(top1 == res.nn_source[[2, 0]]))
     # with every source in the synthetic top list, verification is the exact top-1
     assert st["all_checked"][f"verified_top{S}_top1_rate"] == st["all_checked"]["exact_top1_rate"]
+
+
+# ----------------------------------------------------------------------------- configs and reports
+def test_targets_read_as_the_reports_write_them() -> None:
+    from experiments.common import Comparison, Outcome, Report, Target
+
+    assert [str(t) for t in (classes.P_VALUE, classes.FRAC_LARGEST, classes.MIN_SAMPLES,
+                             fidelity.MEDIAN_SPEARMAN, copies.TOP1_RATE_COPIES)] == \
+        ["< 1e-30", ">= 0.6", ">= 1000", ">= 0.95", ">= 0.9"]
+    assert Target(">=", 0.8).outcome(0.8).met and not Target(">=", 0.8).outcome(float("nan")).met
+    beats = Comparison("synthetic", ">", "pixel").outcome(0.5, 0.5)
+    assert beats.to_json() == {"value": [0.5, 0.5], "target": "synthetic > pixel", "met": False}
+
+    def passed(*outcomes: Outcome) -> bool:
+        return Report("x", {str(i): o for i, o in enumerate(outcomes)}, {}, (), "").passed
+
+    positive = Target(">", 0)
+    met, missed, unmeasured = positive.outcome(1), positive.outcome(0), positive.unmeasured()
+    assert passed(met, unmeasured) and not passed(met, missed) and not passed(unmeasured) and not passed()
+
+
+def test_run_returns_the_report_it_writes(tmp_path: Path) -> None:
+    """copies.run on a config (no flags): the typed report, report.json equal to its JSON, the
+    figures named in it, and user errors as ExperimentError with the CLI's words."""
+    import json
+
+    from experiments import run
+    from experiments.common import Checkpoint, ExperimentError, Training
+
+    config = copies.CopiesConfig(ensemble=Training(subset=30, preset="tiny", n=8, train_steps=4), samples=2,
+                                 steps=3, copy_ratio=1e9)
+    stages: list[str] = []
+    report = run(config, tmp_path, lambda stage, done, total: stages.append(stage))
+    assert set(stages) == set(config.stages()) == {"train", "jacobian"}
+    outcome = report.targets["top1_rate_copies"]
+    assert outcome.target is copies.TOP1_RATE_COPIES and outcome.met == (outcome.value >= 0.9)
+    assert report.passed is outcome.met
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written == report.to_json() and written["passed"] is report.passed
+    assert written["targets"]["top1_rate_copies"]["target"] == ">= 0.9" and written["n_copies"] == 2
+    assert all((tmp_path / name).is_file() for name in report.figures)
+    again = copies.CopiesConfig(ensemble=Checkpoint(checkpoint=str(tmp_path / "ensemble.pt")), steps=99)
+    with pytest.raises(ExperimentError, match=r"--steps must be in 1\.\.20"):
+        run(again, tmp_path / "again")
