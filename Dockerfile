@@ -6,6 +6,7 @@ WORKDIR /srv
 RUN pip install torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md alembic.ini ./
 COPY models models
+COPY experiments experiments
 COPY app app
 COPY worker worker
 COPY migrations migrations

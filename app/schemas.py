@@ -3,11 +3,15 @@ settings are checked in the routes (their messages name the setting)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
+
+from experiments import CONFIGS, AnyConfig
+from experiments.classifiers import ClassifierKind
 
 
 def _utc(d: datetime) -> datetime:
@@ -265,26 +269,7 @@ class InfluencePage(_Page):
 
 # ------------------------------------------------------------------------ validation
 PresetName = Literal["tiny", "digits", "mnist", "paper"]  # models.ensemble.PRESETS (a test keeps them equal)
-ClassifierName = Literal["svc", "logreg", "mlp", "cnn"]  # models.validate.CLASSIFIERS (likewise)
-
-
-def _flags(model: BaseModel, skip: set[str]) -> list[str]:
-    """`attrib validate` flags of the fields a request gave (``--name value``; booleans as switches)."""
-    out: list[str] = []
-    for name in sorted(model.model_fields_set - skip):
-        v = getattr(model, name)
-        flag = "--" + name.replace("_", "-")
-        if v is None:
-            continue
-        if name == "lpips":
-            out += [] if v else ["--no-lpips"]
-        elif isinstance(v, bool):
-            out += [flag] if v else []
-        elif isinstance(v, list):
-            out += [flag, ",".join(v)] if v else []
-        else:
-            out += [flag, str(v)]
-    return out
+ClassifierName = ClassifierKind
 
 
 class TrainOptions(_In):
@@ -302,9 +287,6 @@ class TrainOptions(_In):
     batch_size: int | None = Field(None, ge=1, le=4096, description="items per member per step")
     lr: float | None = Field(None, gt=0, le=1, description="Adam learning rate")
 
-    def flags(self) -> list[str]:
-        return _flags(self, {"dataset_id"})
-
 
 class _ValidationIn(_In):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of codes, training, classifier and subsets")
@@ -320,12 +302,6 @@ class _ValidationIn(_In):
         if getattr(self, "ensemble_id", None) is not None and self.train is not None:
             raise ValueError("give ensemble_id (use that ensemble as trained) or train, not both")
         return self
-
-    def options(self) -> list[str]:
-        """The CLI flags of the given fields (all but experiment, ensemble_id, train.dataset_id, which
-        the route turns into --checkpoint / --data)."""
-        own = _flags(self, {"experiment", "ensemble_id", "train"})
-        return own + (self.train.flags() if self.train is not None else [])
 
 
 _ENSEMBLE_OR_TRAIN: JsonDict = {"not": {"required": ["ensemble_id", "train"]}}
@@ -373,9 +349,35 @@ class CopiesValidation(_ValidationIn):
                           "the estimate's misses from the model's (default none; samples x sources runs)")
 
 
-ValidationCreate = Annotated[ClassesValidation | FidelityValidation | CopiesValidation,
-                             Field(discriminator="experiment")]
-"""One experiment of `attrib validate`, run by a worker exactly as the CLI runs it."""
+ValidationRequest = ClassesValidation | FidelityValidation | CopiesValidation
+ValidationCreate = Annotated[ValidationRequest, Field(discriminator="experiment")]
+"""One experiment of `attrib validate`: a worker runs its config as the CLI runs the same flags."""
+
+
+def validation_config(body: ValidationRequest, ensemble: Mapping[str, Any]) -> AnyConfig:
+    """The experiment's config of a request. ``ensemble``: what the route resolved ensemble_id or
+    train.dataset_id to (``checkpoint``, or ``data``, ``subset``, ``subset_seed``): paths never
+    come from a request."""
+    own = body.model_dump(exclude_unset=True, exclude={"experiment", "ensemble_id", "train"})
+    train = {} if body.train is None else body.train.model_dump(exclude_unset=True, exclude={"dataset_id"})
+    return CONFIGS[body.experiment].from_options({**ensemble, **own, **train})
+
+
+def validation_flags(config: AnyConfig) -> list[str]:
+    """The `attrib validate` flags that give ``config`` (its options as given: ``--name value``,
+    booleans as switches, LPIPS off as --no-lpips, lists comma-separated)."""
+    out: list[str] = []
+    for name, value in config.options().items():
+        flag = "--" + name.replace("_", "-")
+        if name == "lpips":
+            out += [] if value else ["--no-lpips"]
+        elif isinstance(value, bool):
+            out += [flag] if value else []
+        elif isinstance(value, tuple):
+            out += [flag, ",".join(value)] if value else []
+        else:
+            out += [flag, str(value)]
+    return out
 
 
 class ValidationAccepted(BaseModel):
@@ -401,7 +403,7 @@ class ValidationPage(_Page):
 
 class ValidationPublic(ValidationSummary):
     request: dict[str, Any] = Field(description="the request as given")
-    options: list[str] = Field(description="the `attrib validate` flags it runs with (the CLI equivalent)")
+    options: list[str] = Field(description="the `attrib validate` flags of its config (the CLI equivalent)")
     error: str | None = Field(description="why it failed, if it did")
     report: dict[str, Any] | None = Field(description="the report (what the CLI writes to report.json)")
     figures: dict[str, str] = Field(description="figure name -> URL of its PNG")

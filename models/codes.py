@@ -315,3 +315,35 @@ def make_codebook(
             f"n={n}; use a smaller n or finer sources"
         )
     return book
+
+
+def balanced_codes(num_sources: int, n: int) -> np.ndarray:
+    """Weight-n/2 codes whose pairwise overlaps are all exactly n/4 (for the class control).
+
+    Rows of the Sylvester-Hadamard matrix H_n (+1 -> bit 1) other than the all-ones row: any
+    two overlap in exactly n/4 members. Ablating another class c' then removes exactly half
+    of the members that know a sample's class p (and half of those that do not), so the
+    remaining ensemble knows p in the same proportion as the full one, while ablating p
+    removes every member that knows it. With random codes the overlap varies from 1 to
+    k - 1, and a high-overlap class's ablation is nearly an ablation of p (measured on
+    digits: median distance at overlap 7 equal to the predicted class's). Member 0 trains on
+    every class (column 0 of H_n is all ones). Of the n - 1 rows, the ``num_sources`` with
+    the most even member loads are used.
+
+    n must be a power of two >= 4 and num_sources <= n - 1. Returns (num_sources,) int64.
+    """
+    if n < 4 or n & (n - 1):
+        raise ValueError(f"balanced codes need n a power of two >= 4, not {n}")
+    if num_sources > n - 1:
+        raise ValueError(f"balanced codes of length {n} hold at most {n - 1} sources, not {num_sources}")
+    H = np.ones((1, 1), dtype=np.int64)
+    while H.shape[0] < n:
+        H = np.block([[H, H], [H, -H]])
+    rows = (H[1:] > 0).astype(np.int64)  # (n - 1, n), weight n/2 each
+    chosen: list[int] = []
+    for _ in range(num_sources):  # greedy: keep member loads (column sums) as even as possible
+        loads = rows[chosen].sum(axis=0) if chosen else np.zeros(n, np.int64)
+        cost = [(float(np.var(loads + rows[r])), r) for r in range(n - 1) if r not in chosen]
+        chosen.append(min(cost)[1])
+    bits = rows[sorted(chosen)]
+    return (bits << np.arange(n, dtype=np.int64)).sum(axis=1).astype(np.int64)

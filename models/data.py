@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "DatasetError",
     "ImageDataset",
+    "load_data",
     "load_dataset",
     "load_digits",
     "load_folder",
@@ -713,3 +714,10 @@ def load_dataset(spec: str) -> ImageDataset:
         "subfolder per class), a .npz file with 'images' [and 'labels'], or an MNIST IDX "
         "images file (plain or .gz)"
     )
+
+
+def load_data(spec: str, subset: int | None = None, subset_seed: int = 0) -> ImageDataset:
+    """``load_dataset(spec)``, or a random ``subset`` of it drawn with ``subset_seed``
+    (:meth:`ImageDataset.sample`): what an ensemble's DatasetInfo records to reload its data."""
+    ds = load_dataset(spec)
+    return ds if subset is None else ds.sample(subset, subset_seed)

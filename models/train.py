@@ -5,20 +5,26 @@ loss) on its own split. The wide network takes one input slice per member, so me
 minibatch is drawn from its own split; the loss is the *sum* of the members' mean losses,
 whose gradient with respect to member i's parameters is exactly member i's own gradient.
 Adam is element-wise, so one Adam over the stacked parameters is n independent runs.
+
+``TrainSpec`` and ``create_ensemble`` build a fresh ensemble (code book, initialised members,
+the record of its data) from typed options; ``train`` trains it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from models.ensemble import Ensemble
+from models.codes import balanced_codes, default_k, make_codebook
+from models.data import ImageDataset
+from models.ensemble import PRESETS, DatasetInfo, Ensemble, Preset
 from models.schedule import NoiseSchedule
 from models.unet import WideUNet
 
@@ -34,6 +40,79 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps >= 0, batch_size >= 1 and lr > 0 are required")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A fresh encoded ensemble and how to train it.
+
+    Attributes:
+        data, subset, subset_seed: the training data as ``models.data.load_data`` takes it
+            (recorded in the checkpoint, so the data can be reloaded).
+        preset: a name in ``models.ensemble.PRESETS``.
+        n, k: ensemble size and code weight (None: n/2).
+        granularity: what one code stands for: "item", "class" or "owner".
+        codes: "random" (``make_codebook``'s) or "balanced" (``balanced_codes``: Hadamard rows,
+            every pair of sources shares n/4 members; needs k = n/2).
+        seed: seed of the codes, the members' initialisation and the minibatches.
+        steps, batch_size, lr: training; None takes the preset's.
+        checkpoint_every: save every this many steps (None: only at the end).
+    """
+
+    data: str = "digits"
+    subset: int | None = None
+    subset_seed: int = 0
+    preset: str = "digits"
+    n: int = 16
+    k: int | None = None
+    granularity: str = "item"
+    codes: Literal["random", "balanced"] = "random"
+    seed: int = 0
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    checkpoint_every: int | None = None
+
+    @property
+    def network(self) -> Preset:
+        """The preset; ValueError naming the known ones if there is no such preset."""
+        preset = PRESETS.get(self.preset)
+        if preset is None:
+            raise ValueError(f"unknown preset {self.preset!r} (one of {', '.join(PRESETS)})")
+        return preset
+
+    @property
+    def weight(self) -> int:
+        """The code weight k (n/2 unless given)."""
+        return self.k if self.k is not None else default_k(self.n)
+
+    def train_config(self) -> TrainConfig:
+        """The TrainConfig of this spec, the preset's values where none is given."""
+        preset = self.network
+        steps = self.steps if self.steps is not None else preset.train_steps
+        return TrainConfig(steps, self.batch_size or preset.batch_size, self.lr or preset.lr, self.seed,
+                           self.checkpoint_every or max(steps, 1))
+
+
+def create_ensemble(spec: TrainSpec, ds: ImageDataset, owners: Sequence[str] | None = None) -> Ensemble:
+    """A freshly initialised ensemble for ``ds`` (N items; the data ``spec`` names, possibly with
+    some items left out): its code book groups the items by ``spec.granularity`` (class labels
+    from ``ds``, ``owners`` (N,) for owner granularity), and its DatasetInfo records ``ds``'s
+    fingerprint and how to reload it. Train it with ``train(ens, ds.to_tensor(), spec.train_config())``.
+
+    Raises CapacityError when the sources do not fit n and k, ValueError for an unknown preset,
+    sources the granularity cannot form (no labels, no owners) or balanced codes with k != n/2.
+    """
+    preset, k = spec.network, spec.weight
+    book = make_codebook(ds.N, spec.n, k, seed=spec.seed, granularity=spec.granularity,
+                         labels=ds.labels if spec.granularity == "class" else None,
+                         label_names=ds.label_names, owners=owners)
+    if spec.codes == "balanced":
+        if k != spec.n // 2:
+            raise ValueError(f"balanced codes need k = n/2, not k = {k} with n = {spec.n}")
+        book = dataclasses.replace(book, codes=balanced_codes(book.num_sources, spec.n))
+    info = DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape, spec.data, spec.subset, spec.subset_seed)
+    return Ensemble.create(preset, book, info, seed=spec.seed)
 
 
 @dataclass(frozen=True)

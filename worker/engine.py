@@ -23,12 +23,16 @@ from PIL import Image as PILImage
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+import experiments
 from app import jobs
 from app.db import Database
 from app.orm import Attribution, AttributionEntry, EnsembleRow, Generation, Image, Job, SourceCode, utcnow
 from app.settings import Settings
+from experiments import CONFIGS, AnyConfig
+from experiments.common import ENSEMBLE_OPTIONS, ExperimentError
 from models.ablation import gram, jacobian
 from models.attribute import AttributionConfig, SampleAttribution, attribute_exact, rank_sources, verify
+from models.data import DatasetError
 from models.distances import LPIPSMetric, load_lpips
 from models.ensemble import Ensemble, resolve_device
 from models.images import png_bytes
@@ -242,20 +246,14 @@ def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, jo
 
 # --------------------------------------------------------------------------- validate
 def run_validate(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
-    """Run `attrib validate EXPERIMENT OPTIONS...` (app.validate_cli.run) in a folder of its own
-    under ``data_dir/validations`` and store its report and PNG figures with the job. A retried
-    job starts again from nothing."""
-    from app.cli.common import CLIError
-    from app.validate_cli import progress_stages, run
-    from models.data import DatasetError
-
-    experiment, options = str(job.payload["experiment"]), [str(o) for o in job.payload["options"]]
+    """Run the job's experiment (experiments.run of its config) in a folder of its own under
+    ``data_dir/validations`` and store its report and PNG figures with the job. A retried job
+    starts again from nothing."""
+    config = validation_config(job.payload)
+    experiment = config.experiment
     out = cache.settings.data_dir / "validations" / job.id
     shutil.rmtree(out, ignore_errors=True)
-    try:
-        stages = progress_stages(experiment, options)
-    except CLIError as exc:
-        raise JobError(f"validate {experiment}: {exc}") from exc
+    stages = config.stages()
     last = [0.0, 0.0]  # progress, time: the job row is touched at most every 0.5 % or 2 s
 
     def on_progress(stage: str, done: int, total: int) -> None:
@@ -268,21 +266,57 @@ def run_validate(db: Database, cache: EngineCache, job: Job, progress: Progress)
             progress(p)
 
     try:
-        report = run(experiment, options, out, cache.settings.device, on_progress)
-    except (CLIError, DatasetError) as exc:
+        report = experiments.run(config, out, on_progress, device=cache.device, log=log.info)
+    except (ExperimentError, DatasetError) as exc:
         raise JobError(f"validate {experiment}: {exc}") from exc
     with db.session() as s:
         figures = {}
-        for name in report.get("figures", []):
+        for name in report.figures:
             if not (out / name).is_file():  # e.g. fidelity_images.png needs an example to show
                 continue
             png = (out / name).read_bytes()
             with PILImage.open(io.BytesIO(png)) as im:
                 figures[name] = put_image(s, png, im.width, im.height)
-        result = {"experiment": experiment, "passed": report.get("passed"), "report": report,
+        result = {"experiment": experiment, "passed": report.passed, "report": report.to_json(),
                   "figures": figures, "folder": str(out.resolve())}
         jobs.finish(s, job.id, result)
     return result
+
+
+def validation_config(payload: dict[str, Any]) -> AnyConfig:
+    """The experiment config of a validate job's payload: its ``config``; or, for a job stored
+    before configs, the config its ``options`` (the `attrib validate` flags the service wrote:
+    ``--name value`` pairs and the switches) give. JobError when neither can be read."""
+    experiment = payload.get("experiment")
+    cls = CONFIGS.get(str(experiment))
+    if cls is None:
+        raise JobError(f"validate: unknown experiment {experiment!r} (one of {', '.join(CONFIGS)})")
+    try:
+        if "config" in payload:
+            return cls.model_validate(payload["config"])
+        return cls.from_options(_options_of_flags(cls, [str(o) for o in payload.get("options", [])]))
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise JobError(f"validate {experiment}: cannot read the job's stored options: {exc}") from exc
+
+
+def _options_of_flags(cls: type[AnyConfig], flags: list[str]) -> dict[str, Any]:
+    names = set(cls.model_fields) | set(ENSEMBLE_OPTIONS)
+    options: dict[str, Any] = {}
+    items = iter(flags)
+    for flag in items:
+        name = flag.removeprefix("--").replace("-", "_")
+        if flag == "--no-lpips":
+            options["lpips"] = False
+        elif not flag.startswith("--") or name not in names:
+            raise ValueError(f"unknown option {flag!r}")
+        elif name in cls.model_fields and cls.model_fields[name].annotation is bool:
+            options[name] = True
+        else:
+            value = next(items, None)
+            if value is None:
+                raise ValueError(f"{flag} has no value")
+            options[name] = value
+    return options
 
 
 RUNNERS: dict[str, Callable[[Database, EngineCache, Job, Progress], dict[str, Any]]] = {

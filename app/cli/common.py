@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from models.data import ImageDataset, load_dataset
 from models.ensemble import Ensemble, resolve_device
 
 DEFAULT_CKPT = "runs/digits.pt"
@@ -37,13 +36,6 @@ def log(msg: str) -> None:
 def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
     """The command's result on stdout: one JSON object (``--json``) or a line for people."""
     print(json.dumps(payload) if as_json else human, flush=True)
-
-
-def load_data(spec: str, subset: int | None, subset_seed: int) -> ImageDataset:
-    ds = load_dataset(spec)
-    if subset is not None:
-        ds = ds.sample(subset, subset_seed)
-    return ds
 
 
 def load_ensemble(path: str | Path, on: torch.device) -> Ensemble:

@@ -6,6 +6,7 @@ Thin glue over models/: turn flags into calls, show progress, write PNG and JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -23,42 +24,31 @@ from app.cli.common import (
     add_json_flag,
     device,
     emit,
-    load_data,
     load_ensemble,
     log,
     read_owners_csv,
     sampling_steps,
 )
 from models.attribute import METRICS, AttributionConfig, SampleAttribution, attribute
-from models.codes import GRANULARITIES, CapacityError, default_k, make_codebook
-from models.data import ImageDataset
+from models.codes import GRANULARITIES, CapacityError
+from models.data import ImageDataset, load_data
 from models.distances import LPIPSMetric, LPIPSUnavailable, load_lpips
-from models.ensemble import PRESETS, DatasetInfo, Ensemble
+from models.ensemble import PRESETS, Ensemble
 from models.images import attribution_figure, grid
 from models.sampler import make_tape, sample
-from models.train import TrainConfig, train
+from models.train import TrainSpec, create_ensemble, train
 from models.unet import num_parameters
 
 
 # --------------------------------------------------------------------------- train
 @dataclass(frozen=True)
 class TrainRequest:
-    """What `attrib train` does, as `demo-setup` also asks for it (defaults: the flags')."""
+    """What `attrib train` does, as `demo-setup` also asks for it: train ``spec`` into ``out``
+    (with ``resume``, continue the checkpoint there), owners read from ``owners_csv``."""
 
     out: Path
-    data: str = "digits"
-    subset: int | None = None
-    subset_seed: int = 0
-    preset: str = "digits"
-    n: int = 16
-    k: int | None = None
-    granularity: str = "item"
+    spec: TrainSpec
     owners_csv: str | None = None
-    steps: int | None = None  # training steps; None: the preset's
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int = 0
-    checkpoint_every: int = 200
     resume: bool = False
     device: str = "auto"
 
@@ -67,10 +57,12 @@ def train_checkpoint(req: TrainRequest, *, progress_bar: bool = True) -> dict[st
     """Train (or, with ``resume``, continue) an ensemble into ``req.out``; returns the summary
     `attrib train --json` prints."""
     on = device(req.device)
-    out = req.out
-    ds = load_data(req.data, req.subset, req.subset_seed)
-    preset = PRESETS[req.preset]
-    steps = req.steps if req.steps is not None else preset.train_steps
+    out, spec = req.out, req.spec
+    ds = load_data(spec.data, spec.subset, spec.subset_seed)
+    try:
+        cfg = spec.train_config()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
     if out.exists() and not req.resume:
         raise CLIError(f"{out} exists: pass --resume to continue training it, or another --out")
     if out.exists():
@@ -79,33 +71,26 @@ def train_checkpoint(req: TrainRequest, *, progress_bar: bool = True) -> dict[st
             raise CLIError(f"{out} was trained on other data ({ens.dataset.name}); "
                            "--resume needs the same --data/--subset")
         state = ens.train_state or {}
-        stored = state.get("config", {})
-        cfg = TrainConfig(steps, stored.get("batch_size", req.batch_size or preset.batch_size),
-                          stored.get("lr", req.lr or preset.lr), stored.get("seed", req.seed),
-                          req.checkpoint_every)
-        log(f"resuming {out} at step {state.get('step', 0)} of {steps}")
+        stored = state.get("config", {})  # minibatches continue as they were drawn
+        cfg = dataclasses.replace(cfg, batch_size=stored.get("batch_size", cfg.batch_size),
+                                  lr=stored.get("lr", cfg.lr), seed=stored.get("seed", cfg.seed))
+        log(f"resuming {out} at step {state.get('step', 0)} of {cfg.steps}")
     else:
-        k = req.k if req.k is not None else default_k(req.n)
-        labels = ds.labels if req.granularity == "class" else None
-        if req.granularity == "class" and labels is None:
+        if spec.granularity == "class" and ds.labels is None:
             raise CLIError("--granularity class needs labelled data")
-        if req.granularity == "owner" and not req.owners_csv:
+        if spec.granularity == "owner" and not req.owners_csv:
             raise CLIError("--granularity owner needs --owners FILE.csv")
         owners = read_owners_csv(req.owners_csv, ds.N) if req.owners_csv else None
         try:
-            book = make_codebook(ds.N, req.n, k, seed=req.seed, granularity=req.granularity,
-                                 labels=labels, label_names=ds.label_names, owners=owners)
+            ens = create_ensemble(spec, ds, owners)
         except (CapacityError, ValueError) as exc:
             raise CLIError(str(exc)) from exc
-        info = DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape, req.data, req.subset, req.subset_seed)
-        ens = Ensemble.create(preset, book, info, seed=req.seed)
-        cfg = TrainConfig(steps, req.batch_size or preset.batch_size, req.lr or preset.lr, req.seed,
-                          req.checkpoint_every)
-        log(f"training {req.n} members (k={k}, {book.num_sources} {req.granularity} sources, "
+        book = ens.codebook
+        log(f"training {ens.n} members (k={ens.k}, {book.num_sources} {spec.granularity} sources, "
             f"{num_parameters(ens.net):,} parameters each) on {ds.N} items of {ds.name} "
-            f"{ds.shape}, preset {preset.name}, {steps} steps, device {on}")
+            f"{ds.shape}, preset {ens.preset}, {cfg.steps} steps, device {on}")
     ens.net.to(on)
-    bar = _progress_bar(steps, (ens.train_state or {}).get("step", 0)) if progress_bar else None
+    bar = _progress_bar(cfg.steps, (ens.train_state or {}).get("step", 0)) if progress_bar else None
     t0 = time.perf_counter()
 
     def progress(step: int, losses: torch.Tensor) -> None:
@@ -121,7 +106,7 @@ def train_checkpoint(req: TrainRequest, *, progress_bar: bool = True) -> dict[st
     finally:
         if bar is not None:
             bar.close()
-    return {"checkpoint": str(out), "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+    return {"checkpoint": str(out), "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 2),
             "n": ens.n, "k": ens.k, "sources": ens.codebook.num_sources}
 
 
@@ -132,11 +117,11 @@ def _progress_bar(total: int, initial: int) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    req = TrainRequest(
-        out=Path(args.out), data=args.data, subset=args.subset, subset_seed=args.subset_seed,
-        preset=args.preset, n=args.n, k=args.k, granularity=args.granularity, owners_csv=args.owners,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device)
+    spec = TrainSpec(data=args.data, subset=args.subset, subset_seed=args.subset_seed, preset=args.preset,
+                     n=args.n, k=args.k, granularity=args.granularity, seed=args.seed, steps=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every)
+    req = TrainRequest(out=Path(args.out), spec=spec, owners_csv=args.owners, resume=args.resume,
+                       device=args.device)
     result = train_checkpoint(req, progress_bar=not args.json)
     emit(args.json, result,
          f"saved {result['checkpoint']} ({result['steps']} steps, {result['seconds']:.1f} s)")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import validate_cli
-from app.cli import engine, operations, serve
 from app.cli.common import CLIError
+from app.cli.engine import add_parsers as add_engine_parsers
+from app.cli.operations import add_parsers as add_operations_parsers
+from app.cli.serve import add_parsers as add_serve_parsers
+from app.cli.validate import add_parsers as add_validate_parsers
 from app.runtime import tune_malloc
 from models.data import DatasetError
 
@@ -19,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "generate from it, and attribute each sample to its training data; and the "
                     "service that does the same over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True)
-    engine.add_parsers(sub)
-    validate_cli.add_parser(sub)
-    operations.add_parsers(sub)
-    serve.add_parsers(sub)
+    add_engine_parsers(sub)
+    add_validate_parsers(sub)
+    add_operations_parsers(sub)
+    add_serve_parsers(sub)
     return parser
 
 

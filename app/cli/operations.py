@@ -19,12 +19,12 @@ from typing import Any
 from sqlalchemy import inspect, select
 
 from app.auth import create_key, revoke_key
-from app.cli.common import CLIError, add_json_flag, emit, load_data, read_owners_csv
+from app.cli.common import CLIError, add_json_flag, emit, read_owners_csv
 from app.db import Database
 from app.orm import ApiKey, Dataset, EnsembleRow, Owner
 from app.registry import RegistryError, get_or_create_owner, import_dataset, register_ensemble
 from app.settings import Settings, get_settings
-from models.data import ImageDataset
+from models.data import ImageDataset, load_data
 
 OwnersOf = Callable[[ImageDataset], list[str | None] | None]
 """One owner name (or None) per item of the data being imported, or None for no owners."""

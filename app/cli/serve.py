@@ -31,6 +31,7 @@ from app.cli.operations import import_data, owners_by_label, register_checkpoint
 from app.db import Database
 from app.orm import Dataset, EnsembleRow, TrainingItem
 from app.settings import get_settings
+from models.train import TrainSpec
 
 DEMO_OWNERS = 5  # digits: rights holder i owns the digits 2i and 2i+1
 
@@ -61,8 +62,8 @@ def cmd_demo_setup(args: argparse.Namespace) -> None:
         if not ckpt.exists() or _unfinished(ckpt, args.preset, args.steps):
             log(f"training the default ensemble into {ckpt} (progress below; Ctrl-C keeps progress) ...")
             with contextlib.redirect_stdout(sys.stderr):  # stdout is for this command's own output
-                train_checkpoint(TrainRequest(out=ckpt, data="digits", preset=args.preset, steps=args.steps,
-                                              resume=True))
+                spec = TrainSpec(data="digits", preset=args.preset, steps=args.steps, checkpoint_every=200)
+                train_checkpoint(TrainRequest(out=ckpt, spec=spec, resume=True))
         register_checkpoint(settings, ckpt, f"digits-{args.preset}")
     if "operator" not in saved:
         with db.session() as s:

@@ -1,5 +1,6 @@
-"""Validation experiments as jobs: POST /validations runs one `attrib validate` experiment on a
-worker (the same code and flags as the CLI); GET /validations/{job_id} gives its report and figures.
+"""Validation experiments as jobs: POST /validations turns its body into the experiment's config
+(experiments/), which a worker runs as `attrib validate` runs the same flags; GET
+/validations/{job_id} gives its report and figures.
 
 Handlers only check the request and write the job; the worker trains, samples, ablates.
 """
@@ -21,7 +22,10 @@ from app.schemas import (
     ValidationCreate,
     ValidationPage,
     ValidationPublic,
+    ValidationRequest,
     ValidationSummary,
+    validation_config,
+    validation_flags,
 )
 from app.settings import Settings
 from app.writer import Tx
@@ -34,9 +38,10 @@ router = APIRouter(tags=["validation"], responses=ERRORS)
 async def create_validation(body: ValidationCreate, _: LimitedOperatorDep, writer: WriterDep,
                             settings: SettingsDep,
                             idempotency_key: IdempotencyKey = None) -> ValidationAccepted:
-    """Queues `attrib validate EXPERIMENT` with the given fields as its flags. A worker trains the
-    experiment's ensemble (or uses `ensemble_id`'s), runs it and stores the report and its PNG
-    figures: poll `GET /validations/{job_id}`. Minutes on a CPU at the default sizes."""
+    """Queues the experiment with the given fields as its options (those of `attrib validate
+    EXPERIMENT`'s flags of the same names). A worker trains the experiment's ensemble (or uses
+    `ensemble_id`'s), runs it and stores the report and its PNG figures: poll
+    `GET /validations/{job_id}`. Minutes on a CPU at the default sizes."""
     if body.samples is not None:
         check_limit("max_validation_samples", body.samples, settings, "samples")
     if body.train is not None and body.train.train_steps is not None:
@@ -46,14 +51,15 @@ async def create_validation(body: ValidationCreate, _: LimitedOperatorDep, write
     return await writer.run(lambda tx: _create(tx, body, settings, idempotency_key))
 
 
-def _create(tx: Tx, body: ValidationCreate, settings: Settings,
+def _create(tx: Tx, body: ValidationRequest, settings: Settings,
             idempotency_key: str | None) -> ValidationAccepted:
     s = tx.s
     old = replay(s, idempotency_key, "validate")
     if old is None:
-        options = _data_options(tx, body, settings) + body.options()
+        config = validation_config(body, _ensemble_source(tx, body, settings))
         with key_in_use(idempotency_key):
-            payload = {"experiment": body.experiment, "options": options,
+            payload = {"experiment": body.experiment, "config": config.model_dump(mode="json"),
+                       "options": validation_flags(config),
                        "request": body.model_dump(mode="json", exclude_unset=True)}
             job_id = jobs.new_job(s, "validate", payload, idempotency_key=idempotency_key)
         tx.publish.append(job_id)
@@ -62,30 +68,31 @@ def _create(tx: Tx, body: ValidationCreate, settings: Settings,
     return ValidationAccepted(job_id=job_id, experiment=str(body.experiment), url=f"/validations/{job_id}")
 
 
-def _data_options(tx: Tx, body: ValidationCreate, settings: Settings) -> list[str]:
-    """--checkpoint of ensemble_id, or --data/--subset of dataset_id (paths never come from a request)."""
+def _ensemble_source(tx: Tx, body: ValidationRequest, settings: Settings) -> dict[str, Any]:
+    """The checkpoint of ensemble_id, or the data (and subset) of train.dataset_id, as options of
+    the experiment's config (paths never come from a request)."""
     s = tx.s
     ensemble_id = getattr(body, "ensemble_id", None)
     if ensemble_id is not None:
         ens = ensemble_for(tx, ensemble_id)  # 404 / 409 as for /generate
         if body.steps is not None:
             sampling_steps(body.steps, ens, settings)
-        return ["--checkpoint", ens.checkpoint]
+        return {"checkpoint": ens.checkpoint}
     train = body.train
     if train is None or train.dataset_id is None:
-        return []
+        return {}
     ds = s.get(Dataset, train.dataset_id)
     if ds is None:
         raise HTTPException(404, f"dataset {train.dataset_id} not found")
     spec = ds.spec or {}
     if not isinstance(spec.get("data"), str):
         raise HTTPException(409, f"dataset {ds.id} ({ds.name}) has no data source to train on")
-    out = ["--data", spec["data"]]
+    out: dict[str, Any] = {"data": spec["data"]}
     if spec.get("subset") is not None:
         if train.subset is not None:
             raise HTTPException(409, f"dataset {ds.id} ({ds.name}) is itself a subset of {spec['data']!r}; "
                                 "leave out train.subset (or register the whole data)")
-        out += ["--subset", str(int(spec["subset"])), "--subset-seed", str(int(spec.get("subset_seed") or 0))]
+        out |= {"subset": int(spec["subset"]), "subset_seed": int(spec.get("subset_seed") or 0)}
     return out
 
 

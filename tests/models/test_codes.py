@@ -15,10 +15,12 @@ from models.codes import (
     CapacityError,
     CodeBook,
     assign_codes,
+    balanced_codes,
     make_codebook,
     pack_bits,
     satisfies_definition1,
     unpack_bits,
+    validate_codes,
 )
 
 PROPERTY = settings(max_examples=150, deadline=None,
@@ -308,3 +310,18 @@ def test_codebook_rejects_invalid_codes() -> None:
         CodeBook(4, 2, "item", ("a", "b"), np.array([3, 7]), np.array([0, 1]))
     with pytest.raises(ValueError, match="bits beyond"):
         CodeBook(4, 2, "item", ("a", "b"), np.array([3, 48]), np.array([0, 1]))
+
+
+def test_balanced_codes() -> None:
+    for n, S in ((8, 7), (16, 10), (32, 10)):
+        codes = balanced_codes(S, n)
+        validate_codes(codes, n, n // 2)  # distinct, weight n/2, Definition 1
+        bits = unpack_bits(codes, n).astype(np.int64)
+        ov = bits @ bits.T
+        assert (np.diag(ov) == n // 2).all()
+        assert (ov[~np.eye(S, dtype=bool)] == n // 4).all()
+        assert (bits.sum(0) > 0).all()  # no member without data
+    with pytest.raises(ValueError, match="power of two"):
+        balanced_codes(5, 12)
+    with pytest.raises(ValueError, match="at most 15"):
+        balanced_codes(16, 16)

@@ -1,6 +1,7 @@
 """Validation experiments as service jobs (issue 4: "the same as worker jobs"): POST /validations
-queues `attrib validate ...`, a worker runs it, GET /validations/{id} serves the report and figures.
-The job's report is checked against the CLI run in-process with the same flags."""
+queues the experiment's config, a worker runs it, GET /validations/{id} serves the report and
+figures. The job's report is checked against the CLI run in-process with the flags the job shows;
+jobs stored before configs (their flags only) still run."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 
+from app import jobs
 from app.cli import main
 from app.orm import Dataset, EnsembleRow, Job
 from app.registry import import_dataset, register_ensemble
 from app.schemas import ClassifierName, PresetName
+from experiments.classifiers import CLASSIFIERS
 from models.data import load_digits
 from models.ensemble import PRESETS, Ensemble
-from models.validate import CLASSIFIERS
 from tests.service.conftest import Service
 
 TINY_TRAIN = {"preset": "tiny", "n": 8, "train_steps": 6}
@@ -256,18 +258,63 @@ def test_the_job_reports_progress_through_its_stages(svc: Service) -> None:
     assert get(svc, acc["job_id"])["report"]["ensemble"]["trained_steps"] == 40
 
 
-def test_progress_stages_follow_the_options() -> None:
-    from app.cli import CLIError
-    from app.validate_cli import progress_stages
+def test_progress_stages_follow_the_config() -> None:
+    from pydantic import ValidationError
 
-    assert progress_stages("copies", []) == ("train", "jacobian")
-    assert progress_stages("copies", ["--exact", "copies"]) == ("train", "jacobian", "exact")
-    assert progress_stages("copies", ["--exact=none", "--checkpoint", "e.pt"]) == ("jacobian",)
-    assert progress_stages("classes", ["--samples", "3"]) == ("train", "sample", "exact")
-    with pytest.raises(CLIError, match="invalid options"):
-        progress_stages("copies", ["--exact", "most"])
-    with pytest.raises(CLIError, match="unknown experiment"):
-        progress_stages("styles", [])
+    from experiments.classes import ClassesConfig
+    from experiments.common import Checkpoint
+    from experiments.copies import CopiesConfig
+    from worker.engine import JobError, validation_config
+
+    assert CopiesConfig().stages() == ("train", "jacobian")
+    assert CopiesConfig(exact="copies").stages() == ("train", "jacobian", "exact")
+    assert CopiesConfig(exact="none", ensemble=Checkpoint(checkpoint="e.pt")).stages() == ("jacobian",)
+    assert ClassesConfig(samples=3).stages() == ("train", "sample", "exact")
+    with pytest.raises(ValidationError, match="exact"):
+        CopiesConfig.model_validate({"exact": "most"})
+    with pytest.raises(JobError, match="unknown experiment"):
+        validation_config({"experiment": "styles", "config": {}})
+
+
+def _old_payload(experiment: str, options: list[str], request: dict) -> dict:
+    """A validate job as the service stored it before configs: the `attrib validate` flags."""
+    return {"experiment": experiment, "options": options, "request": request}
+
+
+def test_jobs_stored_with_flags_still_run(svc: Service) -> None:
+    """Jobs queued before configs (payload: experiment, options, request) run as their flags
+    say; flags this build does not know fail the job with a message that names them."""
+    options = ["--exact", "all", "--samples", "2", "--steps", "3", "--top", "3",
+               "--n", "8", "--preset", "tiny", "--subset", "30", "--train-steps", "6"]
+    request = {"experiment": "copies", "samples": 2, "steps": 3, "top": 3, "exact": "all",
+               "train": {"subset": 30, **TINY_TRAIN}}
+    with svc.db.session() as s:
+        old = jobs.new_job(s, "validate", _old_payload("copies", options, request))
+        bad = jobs.new_job(s, "validate",
+                           _old_payload("fidelity", ["--sources", "all", "--colour", "red"], {}))
+    assert svc.run_jobs() == ["succeeded", "failed"]
+    v = get(svc, old)
+    assert v["options"] == options and v["request"] == request
+    rep = v["report"]
+    assert rep["samples"] == 2 and rep["ensemble"]["items"] == 30 and rep["ensemble"]["n"] == 8
+    assert rep["exact"]["all_checked"]["n"] == 2 and rep["ensemble"]["trained_steps"] == 6
+    error = get(svc, bad)["error"]
+    assert "validate fidelity" in error and "--colour" in error
+
+
+def test_old_options_read_as_the_cli_reads_them() -> None:
+    """The reader of stored flags gives the config the CLI's parser gives for the same flags."""
+    from app.cli import build_parser
+    from app.cli.validate import config_of
+    from worker.engine import validation_config
+
+    for experiment, options in (
+            ("classes", ["--exclude-classes", "5,7", "--no-lpips", "--classifier", "mlp", "--data", "digits",
+                         "--subset", "100", "--subset-seed", "7", "--n", "8"]),
+            ("fidelity", ["--checkpoint", "e.pt", "--sources", "all", "--recall-k", "4", "--broken"]),
+            ("copies", ["--copy-ratio", "0.25", "--exact", "copies", "--lr", "0.01", "--seed", "3"])):
+        args = build_parser().parse_args(["validate", experiment, "--out", "x", *options])
+        assert validation_config(_old_payload(experiment, options, {})) == config_of(args), experiment
 
 
 @pytest.mark.parametrize("body", [
@@ -282,13 +329,17 @@ def test_every_request_field_is_a_flag_the_cli_takes(body: dict) -> None:
     from pydantic import TypeAdapter
 
     from app.cli import build_parser
-    from app.schemas import ValidationCreate
+    from app.cli.validate import config_of
+    from app.schemas import ValidationCreate, validation_config, validation_flags
 
     train = {"subset": 50, "subset_seed": 3, "preset": "tiny", "n": 8, "train_steps": 7, "batch_size": 4,
              "lr": 0.01}
     req = TypeAdapter(ValidationCreate).validate_python(
         {**body, "seed": 2, "samples": 5, "seed_start": 9, "steps": 6, "train": train})
-    args = build_parser().parse_args(["validate", body["experiment"], "--out", "x", *req.options()])
+    config = validation_config(req, {})
+    flags = validation_flags(config)
+    args = build_parser().parse_args(["validate", body["experiment"], "--out", "x", *flags])
+    assert config_of(args) == config  # the flags shown give the very config the job runs
     for name, value in {**train, "seed": 2, "samples": 5, "seed_start": 9, "steps": 6}.items():
         assert getattr(args, name) == value, name
     expect = {k: v for k, v in body.items() if k != "experiment"}

@@ -1,17 +1,18 @@
-"""Tests for models.validate: each experiment end to end on tiny ensembles, its raw numbers
+"""Tests for experiments/: each experiment's computation end to end on tiny ensembles, its raw numbers
 against independent recomputation (the wide sampler with explicit weights, numpy, scipy),
 and its statistics against scipy on the same numbers."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from models import validate as V
+from experiments import classes, classifiers, copies, fidelity, statistics
 from models.ablation import ablation_weights, delta_w, gram, influence, jacobian
 from models.codes import make_codebook
 from models.data import load_digits
@@ -35,7 +36,7 @@ def test_mann_whitney_against_pairs_and_scipy() -> None:
     rng = np.random.default_rng(0)
     a = np.round(rng.normal(0.5, 1, 40), 1)  # rounding makes ties
     b = np.round(rng.normal(0.0, 1, 90), 1)
-    mw = V.mann_whitney_greater(a, b)
+    mw = statistics.mann_whitney_greater(a, b)
     pairs = (a[:, None] > b[None]).sum() + 0.5 * (a[:, None] == b[None]).sum()
     assert mw["U"] == pytest.approx(pairs)
     ref = stats.mannwhitneyu(a, b, alternative="greater")
@@ -43,17 +44,17 @@ def test_mann_whitney_against_pairs_and_scipy() -> None:
     assert mw["log10_p"] == pytest.approx(np.log10(ref.pvalue), rel=1e-6)
     assert mw["auc"] == pytest.approx(pairs / (40 * 90))
     # a separation strong enough that p underflows: log10 p stays finite and tiny
-    strong = V.mann_whitney_greater(np.arange(3000) + 30000.0, np.arange(20000.0))
+    strong = statistics.mann_whitney_greater(np.arange(3000) + 30000.0, np.arange(20000.0))
     assert strong["p_value"] == 0.0 and strong["auc"] == 1.0
     assert -1e5 < strong["log10_p"] < -1000
     # where p does not underflow, the log-space normal approximation agrees with scipy's
     big_a, big_b = rng.normal(1.0, 1, 2000), rng.normal(0.0, 1, 5000)
     p_big = stats.mannwhitneyu(big_a, big_b, alternative="greater").pvalue
-    z = V.mann_whitney_greater(big_a, big_b)["z"]
+    z = statistics.mann_whitney_greater(big_a, big_b)["z"]
     assert 1e-280 < p_big < 1e-30
     assert stats.norm.logsf(z) / np.log(10) == pytest.approx(np.log10(p_big), rel=1e-6)
     # no effect: p near 1/2, not significant
-    assert V.mann_whitney_greater(b, b)["p_value"] > 0.4
+    assert statistics.mann_whitney_greater(b, b)["p_value"] > 0.4
 
 
 def test_class_ablation_stats_by_hand() -> None:
@@ -63,7 +64,7 @@ def test_class_ablation_stats_by_hand() -> None:
                      [0.0, 4.0, 1.0]])  # predicted 1: largest
     pred = np.array([0, 1, 2, 1])
     conf = np.array([0.95, 0.5, 0.99, 0.3])
-    st = V.class_ablation_stats(dist, pred, conf, 0.9)
+    st = classes.class_ablation_stats(dist, pred, conf, 0.9)
     assert st["frac_largest"] == 0.5
     assert st["n_confident"] == 2 and st["frac_largest_confident"] == 0.5
     own = np.array([3.0, 2.0, 0.5, 4.0])
@@ -78,7 +79,7 @@ def test_ranking_agreement_by_hand() -> None:
     exact = np.arange(20.0)
     score = exact.copy()
     score[[19, 0]] = score[[0, 19]]  # exact's best ranked last, its worst first
-    ag = V.ranking_agreement(score, exact, k=5)
+    ag = statistics.ranking_agreement(score, exact, k=5)
     assert ag["recall_at_k"] == 4 / 5
     assert ag["top1_in_exact_topk"] == 0.0
     assert ag["spearman"] == pytest.approx(stats.spearmanr(score, exact).statistic)
@@ -89,35 +90,18 @@ def test_verified_recall_by_hand() -> None:
     exact = np.arange(20.0)  # candidate 19 is the most influential
     score = -exact.copy()  # the screen ranks exactly backwards, except that ...
     score[[15, 16, 17, 18, 19]] += 100.0  # ... it puts the exact top 5 first
-    assert V.ranking_agreement(score, exact, k=5)["recall_at_k"] == 1.0
+    assert statistics.ranking_agreement(score, exact, k=5)["recall_at_k"] == 1.0
     score[19] = -50.0  # the screen now misses the exact best: it ranks last
-    assert V.verified_recall(score, exact, k=5, depth=5) == 4 / 5
-    assert V.verified_recall(score, exact, k=5, depth=19) == 4 / 5  # 19 is screened out
-    assert V.verified_recall(score, exact, k=5, depth=20) == 1.0  # depth reaches it
+    assert statistics.verified_recall(score, exact, k=5, depth=5) == 4 / 5
+    assert statistics.verified_recall(score, exact, k=5, depth=19) == 4 / 5  # 19 is screened out
+    assert statistics.verified_recall(score, exact, k=5, depth=20) == 1.0  # depth reaches it
     # verification re-ranks by exact: a wrong order inside the screen does not matter
     wrong = np.array([0.0, 9.0, 8.0, 7.0, 6.0, 5.0])
-    assert V.verified_recall(wrong, np.arange(6.0), k=2, depth=6) == 1.0
-    assert V.verified_recall(wrong, np.arange(6.0), k=2, depth=2) == 0.0
+    assert statistics.verified_recall(wrong, np.arange(6.0), k=2, depth=6) == 1.0
+    assert statistics.verified_recall(wrong, np.arange(6.0), k=2, depth=2) == 0.0
 
 
 # ----------------------------------------------------------------------------- class control
-def test_balanced_codes() -> None:
-    from models.codes import unpack_bits, validate_codes
-
-    for n, S in ((8, 7), (16, 10), (32, 10)):
-        codes = V.balanced_codes(S, n)
-        validate_codes(codes, n, n // 2)  # distinct, weight n/2, Definition 1
-        bits = unpack_bits(codes, n).astype(np.int64)
-        ov = bits @ bits.T
-        assert (np.diag(ov) == n // 2).all()
-        assert (ov[~np.eye(S, dtype=bool)] == n // 4).all()
-        assert (bits.sum(0) > 0).all()  # no member without data
-    with pytest.raises(ValueError, match="power of two"):
-        V.balanced_codes(5, 12)
-    with pytest.raises(ValueError, match="at most 15"):
-        V.balanced_codes(16, 16)
-
-
 @pytest.fixture(scope="module")
 def class_ensemble() -> tuple[Ensemble, torch.Tensor]:
     """The tiny preset, n = 8, one code per class over the first 120 digits."""
@@ -131,11 +115,11 @@ def class_ensemble() -> tuple[Ensemble, torch.Tensor]:
 
 def test_class_ablation_end_to_end(class_ensemble: tuple[Ensemble, torch.Tensor]) -> None:
     ens, x = class_ensemble
-    clf = V.train_classifier(x, ens.codebook.item_source, kind="logreg")
+    clf = classifiers.train_classifier(x, ens.codebook.item_source, kind="logreg")
     assert 0.0 <= clf.accuracy <= 1.0 and clf.n_train + clf.n_test == 120
     seeds = list(range(5))
     calls: list[tuple[str, int, int]] = []
-    res = V.class_ablation(ens, make_tape(seeds, ens.shape, STEPS), clf, keep=2, chunk=16,
+    res = classes.class_ablation(ens, make_tape(seeds, ens.shape, STEPS), clf, keep=2, chunk=16,
                            progress=lambda *a: calls.append(a))
     S = ens.codebook.num_sources
     assert res.l2.shape == (5, S) and res.kept.shape == (2, S, 1, 8, 8)
@@ -149,7 +133,7 @@ def test_class_ablation_end_to_end(class_ensemble: tuple[Ensemble, torch.Tensor]
     cf4 = _exact(ens, seeds[4], int(res.predicted[4]))
     assert res.cf_pred[4] == clf.predict_proba(cf4[None]).argmax()
     torch.testing.assert_close(res.kept[1, 0], _exact(ens, seeds[1], 0), atol=1e-4, rtol=0)
-    st = V.class_ablation_stats(res.l2, res.predicted, res.confidence)
+    st = classes.class_ablation_stats(res.l2, res.predicted, res.confidence)
     own = res.l2[np.arange(5), res.predicted]
     others = np.concatenate([np.delete(res.l2[b], res.predicted[b]) for b in range(5)])
     assert st["mann_whitney"]["p_value"] == pytest.approx(
@@ -164,34 +148,34 @@ def test_cnn_classifier_learns_digits_reproducibly() -> None:
     assert ds.labels is not None
     x, y = ds.to_tensor(), ds.labels
     state = torch.random.get_rng_state()
-    clf = V.train_classifier(x, y, kind="cnn", seed=3, cnn_epochs=10)
+    clf = classifiers.train_classifier(x, y, kind="cnn", seed=3, cnn_epochs=10)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert clf.kind == "cnn" and clf.accuracy > 0.85 and clf.n_train + clf.n_test == ds.N
     p = clf.predict_proba(x[:40])
     assert p.shape == (40, 10)
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
-    again = V.train_classifier(x, y, kind="cnn", seed=3, cnn_epochs=10)
+    again = classifiers.train_classifier(x, y, kind="cnn", seed=3, cnn_epochs=10)
     np.testing.assert_array_equal(again.predict_proba(x[:40]), p)
-    other = V.train_classifier(x, y, kind="cnn", seed=4, cnn_epochs=10)
+    other = classifiers.train_classifier(x, y, kind="cnn", seed=4, cnn_epochs=10)
     assert not np.array_equal(other.predict_proba(x[:40]), p)
     with pytest.raises(ValueError, match="classifier must be one of"):
-        V.train_classifier(x, y, kind="resnet")
+        classifiers.train_classifier(x, y, kind="resnet")
 
 
 def test_class_ablation_refuses_item_granularity(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
-    clf = V.train_classifier(tiny_data.x, tiny_data.labels, kind="logreg")
+    clf = classifiers.train_classifier(tiny_data.x, tiny_data.labels, kind="logreg")
     with pytest.raises(ValueError, match="class-granularity"):
-        V.class_ablation(tiny_ensemble, make_tape([0], tiny_ensemble.shape, 2), clf)
+        classes.class_ablation(tiny_ensemble, make_tape([0], tiny_ensemble.shape, 2), clf)
 
 
 # ----------------------------------------------------------------------------- fidelity
 @pytest.fixture(scope="module")
-def fid(tiny_ensemble: Ensemble, tiny_data: TinyData) -> V.Fidelity:
-    return V.fidelity(tiny_ensemble, make_tape([0, 1, 2], tiny_ensemble.shape, STEPS), tiny_data.x,
+def fid(tiny_ensemble: Ensemble, tiny_data: TinyData) -> fidelity.Fidelity:
+    return fidelity.fidelity(tiny_ensemble, make_tape([0, 1, 2], tiny_ensemble.shape, STEPS), tiny_data.x,
                       chunk=64, jacobian_batch=2)
 
 
-def test_fidelity_numbers_are_independent_recomputations(fid: V.Fidelity, tiny_ensemble: Ensemble,
+def test_fidelity_numbers_are_independent_recomputations(fid: fidelity.Fidelity, tiny_ensemble: Ensemble,
                                                          tiny_data: TinyData) -> None:
     ens = tiny_ensemble
     S = ens.codebook.num_sources
@@ -212,8 +196,8 @@ def test_fidelity_numbers_are_independent_recomputations(fid: V.Fidelity, tiny_e
         assert fid.rel_err[b][j] == pytest.approx(float((pred - cf).norm() / (cf - f[b]).norm()), rel=1e-3)
 
 
-def test_fidelity_stats_match_scipy_and_random_scores_fail(fid: V.Fidelity) -> None:
-    st = V.fidelity_stats(fid, k=10)
+def test_fidelity_stats_match_scipy_and_random_scores_fail(fid: fidelity.Fidelity) -> None:
+    st = fidelity.fidelity_stats(fid, k=10)
     rhos = [stats.spearmanr(fid.synthetic[b], fid.exact[b]).statistic for b in range(3)]
     assert st["summary"]["synthetic"]["median_spearman"] == pytest.approx(np.median(rhos))
     pix = [stats.spearmanr(fid.pixel[b], fid.exact[b]).statistic for b in range(3)]
@@ -233,10 +217,11 @@ def test_fidelity_stats_match_scipy_and_random_scores_fail(fid: V.Fidelity) -> N
     # a deliberately broken attribution: random scores must fail the thresholds
     rng = np.random.default_rng(0)
     broken = dataclasses.replace(fid, synthetic=[rng.random(len(e)) for e in fid.exact])
-    bst = V.fidelity_stats(broken, k=10)
-    assert not bst["passed"]
-    assert not bst["targets"]["median_spearman"]["met"]
-    assert not bst["targets"]["median_recall_at_k"]["met"]
+    bst = fidelity.fidelity_stats(broken, k=10)
+    broken_targets = fidelity.targets(bst["summary"])
+    assert not all(o.met for o in broken_targets.values())
+    assert not broken_targets["median_spearman"].met
+    assert not broken_targets["median_recall_at_k"].met
     assert bst["summary"]["synthetic"]["median_spearman"] < 0.5
     # the real synthetic ranking is far better than random on the same exact numbers
     margin = st["summary"]["synthetic"]["median_spearman"] - bst["summary"]["synthetic"]["median_spearman"]
@@ -247,13 +232,13 @@ def test_fidelity_subset_candidates(tiny_ensemble: Ensemble, tiny_data: TinyData
     def by_index(scores: torch.Tensor) -> torch.Tensor:  # source s scores s: the top 4 are 56..59
         return torch.arange(scores.shape[1], dtype=scores.dtype).expand_as(scores)
 
-    res = V.fidelity(tiny_ensemble, make_tape([7], tiny_ensemble.shape, 3), tiny_data.x, subset=6, top=4,
-                     score_fn=by_index)
+    res = fidelity.fidelity(tiny_ensemble, make_tape([7], tiny_ensemble.shape, 3), tiny_data.x, subset=6,
+                            top=4, score_fn=by_index)
     c = res.candidates[0]
     assert not res.all_sources and len(np.unique(c)) == len(c) and 6 <= len(c) <= 6 + 4 + 4
     assert {56, 57, 58, 59} <= set(c.tolist())
     np.testing.assert_array_equal(res.synthetic[0], c.astype(float))
-    full = V.pixel_scores(res.images, tiny_data.x, tiny_ensemble.codebook.item_source, 60)[0].numpy()
+    full = fidelity.pixel_scores(res.images, tiny_data.x, tiny_ensemble.codebook.item_source, 60)[0].numpy()
     assert set(np.argsort(-full)[:4].tolist()) <= set(c.tolist())
     np.testing.assert_allclose(res.pixel[0], full[c])
 
@@ -263,7 +248,7 @@ def test_nearest_training_brute_force() -> None:
     g = torch.Generator().manual_seed(0)
     xt = torch.rand(30, 1, 4, 4, generator=g)
     xs = torch.cat([xt[[3, 17]] + 0.001, torch.rand(2, 1, 4, 4, generator=g)])
-    idx, dist, med = V.nearest_training(xs, xt)
+    idx, dist, med = copies.nearest_training(xs, xt)
     D = np.linalg.norm(xs.flatten(1).numpy()[:, None] - xt.flatten(1).numpy()[None], axis=2)
     np.testing.assert_array_equal(idx, D.argmin(1))
     np.testing.assert_allclose(dist, D.min(1), rtol=1e-6)
@@ -275,25 +260,26 @@ def test_nearest_training_brute_force() -> None:
 
 def test_copy_detection_end_to_end(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
     ens = tiny_ensemble
-    res = V.copy_detection(ens, make_tape(range(4), ens.shape, STEPS), tiny_data.x, top=3, jacobian_batch=3)
+    res = copies.copy_detection(ens, make_tape(range(4), ens.shape, STEPS), tiny_data.x, top=3,
+                                jacobian_batch=3)
     _, J = jacobian(ens.net, ens.schedule, make_tape(range(4), ens.shape, STEPS))
     syn = influence(gram(J), delta_w(torch.from_numpy(ens.codebook.bits()), ens.k)).numpy()
     best = syn[np.arange(4), res.top_sources[:, 0]]  # the top source scores the maximum (float32 ties)
     np.testing.assert_allclose(best, syn.max(1), rtol=1e-5)
-    everything = V.copy_stats(res, copy_ratio=1e9)  # every sample counts as a copy
+    everything = copies.copy_stats(res, copy_ratio=1e9)  # every sample counts as a copy
     assert everything["n_copies"] == 4
     hits = np.mean(res.top_sources[:, 0] == res.nn_source)
     assert everything["top1_rate_copies"] == pytest.approx(hits) == everything["top1_rate_all"]
-    nothing = V.copy_stats(res, copy_ratio=0.0)
+    nothing = copies.copy_stats(res, copy_ratio=0.0)
     assert nothing["n_copies"] == 0 and np.isnan(nothing["top1_rate_copies"])
 
 
 def test_copy_stats_by_hand() -> None:
-    res = V.CopyDetection(seeds=[0, 1, 2, 3], images=torch.zeros(4, 1, 2, 2),
+    res = copies.CopyDetection(seeds=[0, 1, 2, 3], images=torch.zeros(4, 1, 2, 2),
                           nn_item=np.array([5, 6, 7, 8]), nn_dist=np.array([0.1, 0.2, 0.9, 0.3]),
                           train_nn_median=1.0, top_sources=np.array([[5, 1], [2, 6], [7, 0], [8, 3]]),
                           nn_source=np.array([5, 6, 7, 8]), nn_rank=np.array([1, 2, 1, 1]))
-    st = V.copy_stats(res, copy_ratio=0.5)  # copies: samples 0, 1, 3
+    st = copies.copy_stats(res, copy_ratio=0.5)  # copies: samples 0, 1, 3
     assert st["n_copies"] == 3 and st["top1_rate_copies"] == pytest.approx(2 / 3)
     assert st["top2_rate_copies"] == 1.0 and st["top1_rate_all"] == 0.75
     assert st["median_nn_synthetic_rank_copies"] == 1.0 and "exact" not in st
@@ -302,7 +288,7 @@ def test_copy_stats_by_hand() -> None:
     exact = np.zeros((2, 9))
     exact[0, [2, 4, 6]] = [3.0, 2.0, 1.0]  # sample 1: exact top 2 (the synthetic top-1), nearest 6 third
     exact[1, [0, 3, 7]] = [1.0, 5.0, 4.0]  # sample 2: exact top 3, nearest 7 second, synthetic top 7, 0
-    st = V.copy_stats(dataclasses.replace(res, exact_rows=np.array([1, 2]), exact=exact), 0.5)["exact"]
+    st = copies.copy_stats(dataclasses.replace(res, exact_rows=np.array([1, 2]), exact=exact), 0.5)["exact"]
     assert st["sources"] == 9
     assert st["copies"] == {"n": 1, "exact_top1_rate": 0.0, "median_nn_exact_rank": 3.0,
                             "median_nn_synthetic_rank": 2.0, "synthetic_top1_is_exact_top1_rate": 1.0,
@@ -317,19 +303,63 @@ def test_copy_stats_by_hand() -> None:
 def test_exact_copy_check_brute_force(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
     ens, S = tiny_ensemble, tiny_ensemble.codebook.num_sources
     tape = make_tape(range(3), ens.shape, STEPS)
-    res = V.copy_detection(ens, tape, tiny_data.x, top=S, jacobian_batch=3)
+    res = copies.copy_detection(ens, tape, tiny_data.x, top=S, jacobian_batch=3)
     # nn_rank: the nearest image's position in the full synthetic order (top = all S sources here)
     np.testing.assert_array_equal(res.nn_rank, [1 + list(res.top_sources[b]).index(res.nn_source[b])
                                                 for b in range(3)])
-    chk = V.exact_copy_check(ens, tape, res, np.array([2, 0]))
+    chk = copies.exact_copy_check(ens, tape, res, np.array([2, 0]))
     assert chk.exact is not None and res.exact is None
     assert chk.exact.shape == (2, S) and list(chk.exact_rows) == [2, 0]
     for j, b in enumerate([2, 0]):
         for s in (0, 7, S - 1):
             d = float((_exact(ens, b, s) - res.images[b]).flatten().norm())
             assert chk.exact[j, s] == pytest.approx(d, rel=1e-4, abs=1e-5)
-    st = V.copy_stats(chk, copy_ratio=1e9)["exact"]
+    st = copies.copy_stats(chk, copy_ratio=1e9)["exact"]
     top1 = chk.exact.argmax(1)
     assert st["all_checked"]["exact_top1_rate"] == pytest.approx(np.mean(top1 == res.nn_source[[2, 0]]))
     # with every source in the synthetic top list, verification is the exact top-1
     assert st["all_checked"][f"verified_top{S}_top1_rate"] == st["all_checked"]["exact_top1_rate"]
+
+
+# ----------------------------------------------------------------------------- configs and reports
+def test_targets_read_as_the_reports_write_them() -> None:
+    from experiments.common import Comparison, Outcome, Report, Target
+
+    assert [str(t) for t in (classes.P_VALUE, classes.FRAC_LARGEST, classes.MIN_SAMPLES,
+                             fidelity.MEDIAN_SPEARMAN, copies.TOP1_RATE_COPIES)] == \
+        ["< 1e-30", ">= 0.6", ">= 1000", ">= 0.95", ">= 0.9"]
+    assert Target(">=", 0.8).outcome(0.8).met and not Target(">=", 0.8).outcome(float("nan")).met
+    beats = Comparison("synthetic", ">", "pixel").outcome(0.5, 0.5)
+    assert beats.to_json() == {"value": [0.5, 0.5], "target": "synthetic > pixel", "met": False}
+
+    def passed(*outcomes: Outcome) -> bool:
+        return Report("x", {str(i): o for i, o in enumerate(outcomes)}, {}, (), "").passed
+
+    positive = Target(">", 0)
+    met, missed, unmeasured = positive.outcome(1), positive.outcome(0), positive.unmeasured()
+    assert passed(met, unmeasured) and not passed(met, missed) and not passed(unmeasured) and not passed()
+
+
+def test_run_returns_the_report_it_writes(tmp_path: Path) -> None:
+    """copies.run on a config (no flags): the typed report, report.json equal to its JSON, the
+    figures named in it, and user errors as ExperimentError with the CLI's words."""
+    import json
+
+    from experiments import run
+    from experiments.common import Checkpoint, ExperimentError, Training
+
+    config = copies.CopiesConfig(ensemble=Training(subset=30, preset="tiny", n=8, train_steps=4), samples=2,
+                                 steps=3, copy_ratio=1e9)
+    stages: list[str] = []
+    report = run(config, tmp_path, lambda stage, done, total: stages.append(stage))
+    assert set(stages) == set(config.stages()) == {"train", "jacobian"}
+    outcome = report.targets["top1_rate_copies"]
+    assert outcome.target is copies.TOP1_RATE_COPIES and outcome.met == (outcome.value >= 0.9)
+    assert report.passed is outcome.met
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written == report.to_json() and written["passed"] is report.passed
+    assert written["targets"]["top1_rate_copies"]["target"] == ">= 0.9" and written["n_copies"] == 2
+    assert all((tmp_path / name).is_file() for name in report.figures)
+    again = copies.CopiesConfig(ensemble=Checkpoint(checkpoint=str(tmp_path / "ensemble.pt")), steps=99)
+    with pytest.raises(ExperimentError, match=r"--steps must be in 1\.\.20"):
+        run(again, tmp_path / "again")

@@ -1,5 +1,5 @@
 """Small statistical figures drawn with PIL only (no matplotlib): overlaid histograms,
-scatter panels, labelled image rows. Used by the validation reports (models.validate).
+scatter panels, labelled image rows. Used by the experiments' reports.
 """
 
 from __future__ import annotations
