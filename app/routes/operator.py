@@ -264,11 +264,13 @@ def _attribute(tx: Tx, body: AttributeCreate, settings: Settings,
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, summary="Status and progress of a job")
-def get_job(job_id: JobId, _: OperatorDep, s: SessionDep) -> JobPublic:
+def get_job(job_id: JobId, _: OperatorDep, s: SessionDep, settings: SettingsDep) -> JobPublic:
+    """A queued job says how many jobs of its queue are ahead of it; a running one whose worker
+    stopped reporting says it is stale."""
     job = s.get(Job, job_id)
     if job is None:
         raise HTTPException(404, f"job {job_id} not found")
-    return JobPublic.model_validate(job, from_attributes=True)
+    return jobs.job_public(s, job, settings)
 
 
 def _generation_public(g: Generation) -> GenerationPublic:
