@@ -114,6 +114,8 @@ class _JobInHand:
         self.started = 0.0
         self.heartbeat: _Heartbeat | None = None
         self.grace_s = 0.0
+        self.installed_in: int | None = None  # the process whose SIGTERM handler this is
+        self.previous: Any = signal.SIG_DFL  # the handler it replaced (billiard's clean exit)
 
     def remaining_s(self) -> float:
         """Seconds the job should still take, from its progress so far (inf: none yet)."""
@@ -124,6 +126,9 @@ class _JobInHand:
 
     def on_sigterm(self, _signum: int, _frame: FrameType | None) -> None:
         if self.job_id is None:  # nothing in hand: stop as a pool process always has
+            if callable(self.previous):
+                self.previous(_signum, _frame)
+                return
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
@@ -143,19 +148,37 @@ class _JobInHand:
 _in_hand = _JobInHand()
 
 
-@signals.worker_process_init.connect
+@signals.task_prerun.connect
 def _install_stop_handlers(**_: Any) -> None:
-    """In each pool process: SIGTERM hands the job back instead of killing it mid-way."""
-    _in_hand.grace_s = get_settings().stop_grace_s
-    signal.signal(signal.SIGTERM, _in_hand.on_sigterm)
-    signal.signal(signal.SIGALRM, _in_hand.on_grace_over)
+    """In the pool process, before its first job (billiard sets its own SIGTERM handler after
+    Celery's process-init hooks have run): SIGTERM hands the job back instead of killing it."""
+    if _in_hand.installed_in != os.getpid():
+        _in_hand.grace_s = get_settings().stop_grace_s
+        _in_hand.previous = signal.signal(signal.SIGTERM, _in_hand.on_sigterm)
+        signal.signal(signal.SIGALRM, _in_hand.on_grace_over)
+        _in_hand.installed_in = os.getpid()
+
+
+_consumer: list[Any] = []  # the main process's Celery consumer, once the worker is ready
+
+
+@signals.worker_ready.connect
+def _keep_consumer(sender: Any = None, **_: Any) -> None:
+    _consumer[:] = [sender]
 
 
 @signals.worker_shutting_down.connect
 def _stop_pool_processes(**_: Any) -> None:
-    """In the worker's main process, on a warm shutdown: pass the stop to the pool processes,
-    which run the jobs (a SIGTERM sent to the main process alone, as docker stop does, would
-    otherwise wait for every job to end however long it takes)."""
+    """In the worker's main process, on a warm shutdown: stop taking messages, then pass the stop
+    to the pool processes, which run the jobs. A SIGTERM sent to the main process alone (docker
+    stop) would otherwise wait for every job to end however long it takes; and a job handed back
+    to the front of its queue must not be taken again by this stopping worker."""
+    for consumer in _consumer:
+        try:
+            for queue in list(consumer.task_consumer.queues):
+                consumer.task_consumer.cancel_by_queue(queue.name)
+        except Exception as exc:  # stopping goes on regardless
+            log.warning("could not stop consuming before shutdown: %s", exc)
     for child in active_children():
         if child.pid is not None:
             with contextlib.suppress(ProcessLookupError):
