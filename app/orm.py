@@ -43,6 +43,7 @@ Timestamp = DateTime(timezone=True)
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
 JOB_KINDS = ("generate", "attribute", "validate")
+JOB_QUEUES = ("interactive", "long")  # app.queue.QUEUES (kept here so the schema imports no Celery)
 
 
 class Image(Base):
@@ -231,11 +232,16 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(f"status IN ({', '.join(map(repr, JOB_STATUSES))})", name="status"),
         CheckConstraint(f"kind IN ({', '.join(map(repr, JOB_KINDS))})", name="kind"),
+        CheckConstraint(f"queue IN ({', '.join(map(repr, JOB_QUEUES))})", name="queue"),
         Index("ix_job_status_updated_at", "status", "updated_at"),
+        # Jobs waiting in a queue, in the order they were sent: GET /jobs/{id} counts those ahead,
+        # the reaper counts those whose message no worker has received yet.
+        Index("ix_job_queue_status_enqueued_at", "queue", "status", "enqueued_at"),
         Index("ix_job_kind_created_at", "kind", "created_at"),  # GET /validations, newest first
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
+    queue: Mapped[str] = mapped_column(String(16), default="interactive", server_default="interactive")
     status: Mapped[str] = mapped_column(String(16), default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -247,7 +253,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    enqueued_at: Mapped[datetime | None] = mapped_column(Timestamp)  # last sent to the broker
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)  # a worker last received it
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)

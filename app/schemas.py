@@ -130,7 +130,15 @@ class AttributeAccepted(BaseModel):
 class JobPublic(BaseModel):
     id: str = Field(description="job id (UUID)")
     kind: str = Field(description="generate, attribute or validate")
+    queue: Literal["interactive", "long"] = Field(description="where it waits for a worker: interactive "
+                                                  "(generate, attribute, small batches) or long "
+                                                  "(validations, large batches)")
     status: Literal["queued", "running", "succeeded", "failed"] = Field(description="life cycle state")
+    waiting: str | None = Field(None, description="why it has not finished yet, when it waits: queued "
+                                "behind N jobs of its queue, or running but stale (its worker lost)")
+    ahead: int | None = Field(None, description="queued: jobs of its queue sent before it, which run first")
+    stale: bool = Field(False, description="running, but no heartbeat for stale_after_s: its worker is "
+                        "presumed lost and the job is re-sent; its progress is not moving")
     progress: float = Field(description="0..1")
     error: str | None = Field(description="why it failed, if it did")
     attempts: int = Field(description="times a worker started it")

@@ -55,8 +55,12 @@ class Settings(BaseSettings):
     # Jobs.
     job_max_attempts: int = Field(3, description="starts of one job before it is failed for good")
     job_soft_time_limit_s: int = 1800
-    requeue_after_s: float = Field(60.0, description="queued this long with no worker activity -> re-sent")
-    stale_after_s: float = Field(120.0, description="running job with no heartbeat this long -> re-sent")
+    requeue_after_s: float = Field(60.0, gt=0, description="a message this old that no worker received is "
+                                   "re-sent when the broker holds fewer messages than jobs await (lost), "
+                                   "backing off per job; one a worker received without running the job, "
+                                   "after this")
+    stale_after_s: float = Field(120.0, gt=0, description="running job with no heartbeat this long -> "
+                                 "re-sent, once per such period")
     heartbeat_s: float = 10.0
     reaper_interval_s: float = Field(15.0, description="how often the API looks for lost jobs; 0 = never")
     generate_chunk: int = Field(16, description="seeds sampled together by one worker pass")
@@ -64,6 +68,10 @@ class Settings(BaseSettings):
     # Worker.
     device: str = Field("auto", description="torch device of the worker: auto, cpu, cuda, cuda:1")
     worker_threads: int = Field(0, description="torch threads per worker process (0 = torch's default)")
+    long_worker_threads: int = Field(1, ge=1, description="torch threads of the long-queue worker that "
+                                     "'attrib serve' starts (it also runs at a lower CPU priority)")
+    stop_grace_s: float = Field(10.0, ge=0, description="on SIGTERM a worker finishes the job in hand if "
+                                "it should within this many seconds, else hands it back queued at once")
     lpips_rerank: int = Field(50, description="candidates LPIPS re-ranks for metric=lpips")
 
     @model_validator(mode="after")

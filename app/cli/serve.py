@@ -1,7 +1,7 @@
 """`attrib serve|worker|demo-setup`: running the service.
 
-    attrib serve                               API + a worker (embedded default: no servers)
-    attrib worker                              a Celery worker (for DATABASE_URL/BROKER_URL setups)
+    attrib serve                               API + a worker per queue (embedded default: no servers)
+    attrib worker [--queues interactive,long]  a Celery worker (for DATABASE_URL/BROKER_URL setups)
     attrib demo-setup                          what `make run` does before serving
 
 Configuration comes from the environment (app/settings.py): nothing set means SQLite and a
@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,9 @@ from app.cli.engine import TrainRequest, train_checkpoint
 from app.cli.operations import import_data, owners_by_label, register_checkpoint
 from app.db import Database
 from app.orm import Dataset, EnsembleRow, TrainingItem
+from app.queue import parse_queues
 from app.settings import get_settings
+from app.workers import WorkerSpec, exec_worker, serve_workers, start_worker, stop_workers
 from models.train import TrainSpec
 
 DEMO_OWNERS = 5  # digits: rights holder i owns the digits 2i and 2i+1
@@ -87,14 +88,15 @@ def _unfinished(ckpt: Path, preset: str, steps: int | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- serve
-def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
-            "--concurrency", str(concurrency), "--queues", "attrib", "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
-
-
 def cmd_worker(args: argparse.Namespace) -> None:
-    os.execv(sys.executable, worker_command(args.concurrency, args.loglevel))
+    exec_worker(WorkerSpec(tuple(args.queues), args.concurrency, args.threads), args.loglevel)
+
+
+def _queues(text: str) -> list[str]:
+    try:
+        return parse_queues(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -111,15 +113,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if settings.embedded_db:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(settings.database_url)
-    worker = None
-    if args.workers > 0:
-        worker = subprocess.Popen(worker_command(args.workers, args.loglevel.upper()),
-                                  start_new_session=True)
+    workers = [start_worker(spec, args.loglevel.upper()) for spec in serve_workers(settings, args.workers)]
     url = f"http://{args.host}:{args.port}"
     processes = args.api_processes or settings.api_processes
     log(f"serving {url} (docs {url}/docs); database {settings.database_url}; broker {settings.broker_url}"
          f"; {processes} API process(es)"
-         + (f"; {args.workers} worker process(es)" if worker else "; no worker (start 'attrib worker')"))
+         + (f"; workers: {args.workers} interactive process(es), 1 long" if workers
+            else "; no worker (start 'attrib worker')"))
     key = "$OPERATOR_KEY"
     keys_file = settings.data_dir / "demo-keys.json"
     if keys_file.exists():
@@ -149,12 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        stop_workers(workers, settings)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -171,7 +166,8 @@ def add_parsers(sub: Any) -> None:
                                     "worker process with the filesystem broker.")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--workers", type=int, default=1, help="worker processes to start (0: none)")
+    sv.add_argument("--workers", type=int, default=1, help="interactive worker processes to start, besides "
+                    "one for the long queue (0: no workers)")
     sv.add_argument("--api-processes", type=positive_int, default=None,
                     help="HTTP server processes (default: ATTRIB_API_PROCESSES, else 1); on a machine "
                          "with spare cores, more serve more requests at once")
@@ -180,6 +176,11 @@ def add_parsers(sub: Any) -> None:
     sv.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="run a Celery worker for the configured broker and database")
-    w.add_argument("--concurrency", type=int, default=1, help="processes (one job each at a time)")
+    w.add_argument("--queues", type=_queues, default=["interactive", "long"],
+                   help="queues it takes jobs from, comma-separated: interactive (generate, attribute, "
+                        "small batches), long (validations, large batches); default both")
+    w.add_argument("--concurrency", type=positive_int, default=1, help="processes (one job each at a time)")
+    w.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per process (default: ATTRIB_WORKER_THREADS)")
     w.add_argument("--loglevel", default="INFO")
     w.set_defaults(func=cmd_worker)

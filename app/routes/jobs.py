@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from app.deps import OperatorDep, SessionDep
+from app import jobs
+from app.deps import OperatorDep, SessionDep, SettingsDep
 from app.orm import Job
 from app.routes.common import ERRORS, JobId
 from app.schemas import JobPublic
@@ -13,8 +14,10 @@ router = APIRouter(tags=["jobs"], responses=ERRORS)
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, summary="Status and progress of a job")
-def get_job(job_id: JobId, _: OperatorDep, s: SessionDep) -> JobPublic:
+def get_job(job_id: JobId, _: OperatorDep, s: SessionDep, settings: SettingsDep) -> JobPublic:
+    """A queued job says how many jobs of its queue are ahead of it; a running one whose worker
+    stopped reporting says it is stale."""
     job = s.get(Job, job_id)
     if job is None:
         raise HTTPException(404, f"job {job_id} not found")
-    return JobPublic.model_validate(job, from_attributes=True)
+    return jobs.job_public(s, job, settings)

@@ -500,30 +500,43 @@ def test_lost_jobs_are_resent_and_dead_workers_bounded(make_service: Callable[..
 
     from app import jobs
     from app.orm import utcnow
-
-    svc = make_service(requeue_after_s=30, stale_after_s=60, job_max_attempts=2)
-    out = generate(svc, [0])
-    celery = svc.client.app.state.celery  # type: ignore[attr-defined]
-    assert jobs.requeue_lost(svc.db, celery, svc.settings) == []  # fresh: left alone
-    with svc.db.session() as s:
-        s.execute(update(Job).values(updated_at=utcnow() - timedelta(seconds=31)))
-    assert jobs.requeue_lost(svc.db, celery, svc.settings) == [out["job_id"]]
-    assert jobs.requeue_lost(svc.db, celery, svc.settings) == []  # touched: not every sweep
-    # A worker that died mid-job: running, heartbeat stale -> re-sent, and the claim counts.
-    with svc.db.session() as s:
-        s.execute(update(Job).values(status="running", attempts=1, worker="dead:1",
-                                     heartbeat_at=utcnow() - timedelta(seconds=61)))
-    assert jobs.requeue_lost(svc.db, celery, svc.settings) == [out["job_id"]]
+    from app.queue import INTERACTIVE
     from worker.tasks import execute_job
 
-    with svc.db.session() as s:  # ... it died again
+    svc = make_service(requeue_after_s=30, stale_after_s=60, job_max_attempts=2)
+    celery = svc.client.app.state.celery  # type: ignore[attr-defined]
+
+    def broker_loses_everything() -> None:  # the in-memory broker is shared by the whole process
+        with celery.connection_for_write() as conn:
+            conn.default_channel.queue_purge(INTERACTIVE)
+
+    broker_loses_everything()
+    jid = generate(svc, [0])["job_id"]
+    t0 = utcnow()
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t0 + timedelta(hours=1)) == []  # waiting: not lost
+    broker_loses_everything()
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t0 + timedelta(seconds=29)) == []  # not yet
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t0 + timedelta(seconds=31)) == [jid]
+    # The re-sent message waits in the broker: never a second one while it does.
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t0 + timedelta(hours=2)) == []
+    assert execute_job(jid, svc.worker) == "succeeded"
+    # A worker that took a job and died mid-way: re-sent once when stale, not every sweep.
+    jid = generate(svc, [1])["job_id"]
+    assert jobs.claim(svc.db, jid, "dead:1", svc.settings) is not None
+    broker_loses_everything()  # (the message that worker took)
+    t1 = utcnow()
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t1 + timedelta(seconds=59)) == []
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t1 + timedelta(seconds=61)) == [jid]
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t1 + timedelta(seconds=76)) == []
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t1 + timedelta(seconds=600)) == []
+    with svc.db.session() as s:  # ... it was taken again, and that worker died too
         s.execute(update(Job).values(status="running", attempts=2, worker="dead:2",
                                      heartbeat_at=utcnow() - timedelta(seconds=61)))
-    assert execute_job(out["job_id"], svc.worker) == "skipped"
-    job = svc.client.get(f"/jobs/{out['job_id']}", headers=svc.op()).json()
+    assert execute_job(jid, svc.worker) == "skipped"
+    job = svc.client.get(f"/jobs/{jid}", headers=svc.op()).json()
     assert job["status"] == "failed" and "gave up after 2 attempts" in job["error"]
-    assert execute_job(out["job_id"], svc.worker) == "skipped"  # never retried again
-    assert jobs.requeue_lost(svc.db, celery, svc.settings) == []
+    assert execute_job(jid, svc.worker) == "skipped"  # never retried again
+    assert jobs.requeue_lost(svc.db, celery, svc.settings, t1 + timedelta(hours=3)) == []
 
 
 def test_a_running_job_with_a_live_worker_is_not_taken(svc: Service) -> None:

@@ -30,10 +30,10 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     svc = cfg["services"]
-    assert set(svc) == {"postgres", "redis", "migrate", "api", "worker", "worker-gpu"}
-    for name in ("postgres", "redis", "api", "worker", "worker-gpu"):
+    assert set(svc) == {"postgres", "redis", "migrate", "api", "worker", "worker-long", "worker-gpu"}
+    for name in ("postgres", "redis", "api", "worker", "worker-long", "worker-gpu"):
         assert "healthcheck" in svc[name], name
-    for name in ("api", "worker", "worker-gpu"):
+    for name in ("api", "worker", "worker-long", "worker-gpu"):
         dep = svc[name]["depends_on"]
         assert dep["postgres"]["condition"] == "service_healthy"
         assert dep["redis"]["condition"] == "service_healthy"
@@ -41,6 +41,13 @@ def test_compose_file_is_valid_and_complete() -> None:
         env = svc[name]["environment"]
         assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and env["BROKER_URL"].startswith("redis://")
     assert svc["migrate"]["command"] == ["attrib", "migrate", "upgrade"]
+    # A worker service per job queue, pinged by its node name (app.workers.worker_command), and
+    # given longer to stop than a job's grace period (stop_grace_s, 10 s by default).
+    for name, queue in (("worker", "interactive"), ("worker-long", "long"), ("worker-gpu", "interactive")):
+        cmd = svc[name]["command"]
+        assert cmd[:2] == ["attrib", "worker"] and cmd[cmd.index("--queues") + 1] == queue, name
+        assert f"-d {queue}@$HOSTNAME" in svc[name]["healthcheck"]["test"][1], name
+        assert svc[name]["stop_grace_period"] in ("30s", 30, "30"), name
     devices = svc["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert svc["worker-gpu"]["profiles"] == ["gpu"]  # opt-in

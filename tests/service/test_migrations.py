@@ -81,3 +81,28 @@ def test_check_detects_a_model_change(tmp_path: Path) -> None:
     finally:
         Base.metadata.remove(extra)
     assert isinstance(Base.metadata, MetaData)
+
+
+def test_job_queues_migration(url: str) -> None:
+    """0002 -> 0003 puts the jobs already there on their queues (validations long, the rest
+    interactive), with no delivery recorded yet; a queue other than the two is refused; back to
+    0002 keeps every job."""
+    migrate.upgrade(url, "0002")
+    engine = create_engine(url)
+    with engine.begin() as c:
+        _job(c, "g", "generate")
+        _job(c, "v", "validate")
+    migrate.upgrade(url, "0003")
+    with engine.begin() as c:
+        assert c.execute(text("SELECT id, queue, delivered_at FROM job ORDER BY id")).all() == [
+            ("g", "interactive", None), ("v", "long", None)]
+        _job(c, "a", "attribute")  # the default queue
+        assert c.execute(text("SELECT queue FROM job WHERE id = 'a'")).scalar_one() == "interactive"
+        with pytest.raises(IntegrityError), c.begin_nested():
+            c.execute(text("UPDATE job SET queue = 'bulk' WHERE id = 'g'"))
+    assert "ix_job_queue_status_enqueued_at" in {ix["name"] for ix in inspect(engine).get_indexes("job")}
+    migrate.downgrade(url, "0002")
+    with engine.begin() as c:
+        assert c.execute(text("SELECT id FROM job ORDER BY id")).scalars().all() == ["a", "g", "v"]
+    assert "queue" not in {col["name"] for col in inspect(engine).get_columns("job")}
+    engine.dispose()

@@ -15,7 +15,7 @@ from app.settings import Settings
 
 
 def _messages(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name.endswith(f".{queue.QUEUE}.msg"))
+    return sorted(p for p in folder.iterdir() if p.name.endswith(f".{queue.INTERACTIVE}.msg"))
 
 
 def test_a_message_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +31,7 @@ def test_a_message_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         real_replace(src, dst)
 
     monkeypatch.setattr(queue.os, "replace", replace)
-    publish(celery, "job-1")
+    publish(celery, "job-1", queue.INTERACTIVE)
     assert len(seen) == 1
     visible, payload = seen[0]
     assert visible == []
@@ -40,7 +40,7 @@ def test_a_message_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert [p.name for p in folder.iterdir() if p.is_file()] == [msg.name]  # no hidden file left
     with celery.connection_for_read() as conn:
         assert isinstance(conn.transport, AtomicFilesystemTransport)
-        got = conn.default_channel._get(queue.QUEUE)  # what the worker's consumer does
+        got = conn.default_channel._get(queue.INTERACTIVE)  # what the worker's consumer does
     assert got["headers"]["argsrepr"] == "['job-1']"
     assert _messages(folder) == []
 
@@ -53,7 +53,7 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(queue.os, "replace", replace)
     with pytest.raises(Exception, match="cannot add file"):
-        publish(celery, "job-2")
+        publish(celery, "job-2", queue.INTERACTIVE)
     assert [p.name for p in (tmp_path / "broker").iterdir() if p.is_file()] == []
 
 
@@ -61,6 +61,6 @@ def test_the_broker_folder_is_a_setting(tmp_path: Path) -> None:
     shm = tmp_path / "elsewhere"
     settings = Settings(data_dir=tmp_path / "data", broker_dir=shm)
     assert settings.broker_folder == shm
-    publish(make_celery(settings), "job-3")
+    publish(make_celery(settings), "job-3", queue.INTERACTIVE)
     assert len(_messages(shm)) == 1
     assert not (tmp_path / "data" / "broker").exists()
