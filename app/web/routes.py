@@ -13,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import fastapi_offline
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from swagger_ui_bundle import swagger_ui_path
 
 from app import shares
 from app.db import Database
@@ -34,6 +34,9 @@ from app.web.sessions import WebUser
 
 T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
+SWAGGER_UI = Path(fastapi_offline.__file__).resolve().parent / "static"
+"""Swagger UI 5 (swagger-ui-bundle.js, swagger-ui.css), as packaged by fastapi-offline (whose own
+page would need an inline script: only its files are used)."""
 TEMPLATES = Jinja2Templates(directory=HERE / "templates")
 CSP = ("default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -427,8 +430,8 @@ async def not_found(request: Request, anything: str) -> Response:
 
 # ---------------------------------------------------------------------------------- docs
 async def docs(request: Request) -> Response:
-    """Swagger UI from the swagger-ui-bundle package, started by a script of ours (no inline
-    script, nothing from the internet)."""
+    """Swagger UI's files from the app, started by a script of ours (no inline script, nothing
+    from the internet)."""
     return secured(TEMPLATES.TemplateResponse(request, "docs.html", {"title": request.app.title}), DOCS_CSP)
 
 
@@ -451,7 +454,7 @@ def install(app: FastAPI) -> None:
     with ``docs_url=None``, so that FastAPI's CDN-loading page is not served)."""
     # The mounts come first: the pages' catch-all 404 would otherwise answer for their files.
     app.mount("/web/static", StaticFiles(directory=HERE / "static"), name="web-static")
-    app.mount("/docs/assets", StaticFiles(directory=Path(str(swagger_ui_path))), name="docs-assets")
+    app.mount("/docs/assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
     app.include_router(router)
     app.add_api_route("/docs", docs, include_in_schema=False, response_class=HTMLResponse)
     for exc in (SignInRequired, PageNotFound, FormRefused):
