@@ -34,11 +34,11 @@ def _browser_or_skip() -> Any:
     missing = []
     if not Path(CHROMIUM).exists():
         missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
+    sync_playwright: Any = None
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         missing.append("the playwright package (pip install playwright)")
-        sync_playwright = None
     if missing:
         why = "browser tests need " + " and ".join(missing)
         if os.environ.get("ATTRIB_REQUIRE_SERVICES") == "1":
@@ -85,27 +85,35 @@ def test_holder_and_docs_in_chromium(svc: Service, served: str, tmp_path: Path) 
     errors: list[str] = []
     dialogs: list[str] = []
     outside: list[str] = []
-    expected_status = ("/web/works/%d" % theirs["training_item_id"], "/web/sign-out")
+    expected_status = (f"/web/works/{theirs['training_item_id']}", "/web/sign-out")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 900})
 
         def on_console(msg: Any) -> None:
             # The 404 and 403 pages are expected answers: Chromium logs their status as an error.
-            if msg.type == "error" and not (
-                    "status of 40" in msg.text and any(u in msg.location.get("url", "") for u in expected_status)):
+            url = msg.location.get("url", "")
+            if msg.type == "error" and not ("status of 40" in msg.text and url.endswith(expected_status)):
                 errors.append(f"{msg.text} at {msg.location}")
 
         page.on("console", on_console)
         page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.on("request", lambda req: None if req.url.startswith((served, "data:")) else outside.append(req.url))
+        def on_dialog(dialog: Any) -> None:
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
+        def on_request(request: Any) -> None:
+            if not request.url.startswith((served, "data:")):
+                outside.append(request.url)
+
+        page.on("request", on_request)
 
         def images_loaded() -> list[str]:
             """The src of every image on the page that did not load."""
             page.wait_for_load_state("load")
-            return page.eval_on_selector_all("img", "els => els.filter(i => !(i.complete && i.naturalWidth > 0))"
-                                                     ".map(i => i.src)")
+            return page.eval_on_selector_all(
+                "img", "els => els.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
 
         # Sign in.
         page.goto(f"{served}/web")
@@ -126,7 +134,8 @@ def test_holder_and_docs_in_chromium(svc: Service, served: str, tmp_path: Path) 
         page.goto(f"{served}/web/works/{mine['training_item_id']}")
         assert page.locator("h1.work-title").inner_text() == HOSTILE
         assert page.locator("table.uses tbody tr").count() >= 1
-        assert page.locator(f'img[alt="Generation {ranking["generation_id"]} without this work"]').count() == 1
+        without = f'img[alt="Generation {ranking["generation_id"]} without this work"]'
+        assert page.locator(without).count() == 1
         assert images_loaded() == []
         page.screenshot(path=str(tmp_path / "holder-page.png"))
         if os.environ.get("ATTRIB_SCREENSHOT"):
@@ -147,7 +156,8 @@ def test_holder_and_docs_in_chromium(svc: Service, served: str, tmp_path: Path) 
 
         # Another holder's work, and a form without its CSRF token.
         r = page.goto(f"{served}/web/works/{theirs['training_item_id']}")
-        assert r is not None and r.status == 404 and page.get_by_role("heading", name="Not found").count() == 1
+        assert r is not None and r.status == 404
+        assert page.get_by_role("heading", name="Not found").count() == 1
         page.goto(f"{served}/web/works")
         page.eval_on_selector("form.sign-out input[name=csrf_token]", "el => el.remove()")
         with page.expect_navigation():

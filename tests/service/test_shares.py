@@ -34,7 +34,8 @@ def test_shares_sum_to_one_on_every_attribution(svc: Service) -> None:
     for aid in ids:
         body = svc.client.get(f"/attributions/{aid}/shares", headers=svc.op()).json()
         if aid == ids[0]:
-            assert body == {"attribution_id": aid, "attributable": False, "status": "unattributed", "shares": []}
+            assert body == {"attribution_id": aid, "attributable": False, "status": "unattributed",
+                            "shares": []}
             continue
         assert body["status"] == "attributed"
         assert math.isclose(sum(o["share"] for o in body["shares"]), 1.0, abs_tol=1e-12)
@@ -42,7 +43,8 @@ def test_shares_sum_to_one_on_every_attribution(svc: Service) -> None:
         want = expected_shares(ranking)
         assert {o["owner_id"] for o in body["shares"]} == set(want)
         assert all(math.isclose(o["share"], want[o["owner_id"]], rel_tol=1e-12) for o in body["shares"])
-        assert [o["share"] for o in body["shares"]] == sorted((o["share"] for o in body["shares"]), reverse=True)
+        listed = [o["share"] for o in body["shares"]]
+        assert listed == sorted(listed, reverse=True)
         assert sum(o["works"] for o in body["shares"]) == len(ranking["entries"])
     assert svc.client.get(f"/attributions/{ids[1]}/shares", headers=svc.owner("alice")).status_code == 403
     assert svc.client.get("/attributions/999/shares", headers=svc.op()).status_code == 404
@@ -80,8 +82,9 @@ def test_owner_counterfactual_refused_or_exact(svc: Service) -> None:
     [aid] = attribute_seeds(svc, [31], top_k=5, verify_top_k=1)
     ranking = svc.client.get(f"/attributions/{aid}", headers=svc.op()).json()
     top = ranking["entries"][0]
-    # alice's 20 works cover all 8 members of the tiny ensemble: nothing would remain.
-    r = svc.client.post(f"/attributions/{aid}/shares/{svc.owner_ids['alice']}/counterfactual", headers=svc.op())
+    # alice's works cover all 8 members of the tiny ensemble: nothing would remain.
+    alice = svc.owner_ids["alice"]
+    r = svc.client.post(f"/attributions/{aid}/shares/{alice}/counterfactual", headers=svc.op())
     assert r.status_code == 409
     assert "owner_counterfactual_min_members=2" in r.json()["detail"] and "8 of the 8" in r.json()["detail"]
     # A holder of one work: dropping its members is that work's exact counterfactual.
@@ -89,7 +92,8 @@ def test_owner_counterfactual_refused_or_exact(svc: Service) -> None:
         dave = Owner(name="dave")
         s.add(dave)
         s.flush()
-        s.execute(update(TrainingItem).where(TrainingItem.id == top["training_item_id"]).values(owner_id=dave.id))
+        s.execute(update(TrainingItem).where(TrainingItem.id == top["training_item_id"])
+                  .values(owner_id=dave.id))
         dave_id = dave.id
     url = f"/attributions/{aid}/shares/{dave_id}/counterfactual"
     assert svc.client.get(url + ".png", headers=svc.op()).status_code == 404
@@ -108,5 +112,7 @@ def test_owner_counterfactual_refused_or_exact(svc: Service) -> None:
     assert top["counterfactual_kind"] == "exact"
     assert owner_png.status_code == 200 and owner_png.content == item_png.content
     with svc.db.session() as s:
-        assert s.scalar(select(TrainingItem.owner_id).where(TrainingItem.id == top["training_item_id"])) == dave_id
-    assert svc.client.post(f"/attributions/{aid}/shares/999/counterfactual", headers=svc.op()).status_code == 404
+        owner = s.scalar(select(TrainingItem.owner_id).where(TrainingItem.id == top["training_item_id"]))
+        assert owner == dave_id
+    missing = svc.client.post(f"/attributions/{aid}/shares/999/counterfactual", headers=svc.op())
+    assert missing.status_code == 404

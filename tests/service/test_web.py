@@ -30,7 +30,8 @@ def test_sign_in_session_cookie_and_sign_out(svc: Service) -> None:
     assert bad.status_code == 401 and "not valid" in bad.text and "attrib_000000000000_nope" not in bad.text
     r = c.post("/web/sign-in", data={"key": key, "csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303
-    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith("attrib_session="))
+    cookies = [v for k, v in r.headers.multi_items() if k == "set-cookie"]
+    cookie = next(v for v in cookies if v.startswith("attrib_session="))
     assert {"httponly", "samesite=strict", "path=/web"} <= {p.strip().lower() for p in cookie.split(";")}
     with svc.db.session() as s:  # only the token's hash is stored
         stored = s.scalars(select(WebSession.token_hash)).all()
@@ -42,7 +43,8 @@ def test_sign_in_session_cookie_and_sign_out(svc: Service) -> None:
     # Sign-out needs the session's CSRF token too.
     assert c.post("/web/sign-out", data={}).status_code == 403
     assert c.get("/web/works").status_code == 200
-    out = c.post("/web/sign-out", data={"csrf_token": csrf_of(c.get("/web/works").text)}, follow_redirects=False)
+    token = csrf_of(c.get("/web/works").text)
+    out = c.post("/web/sign-out", data={"csrf_token": token}, follow_redirects=False)
     assert out.status_code == 303 and out.headers["location"] == "/web/sign-in?signed_out"
     with svc.db.session() as s:
         assert s.scalars(select(WebSession)).all() == []
@@ -70,7 +72,8 @@ def test_holder_pages_escape_and_hide_other_holders(svc: Service) -> None:
     mine = next(e for e in ranking["entries"] if e["owner_name"] == "alice")
     theirs = next(e for e in ranking["entries"] if e["owner_name"] == "bob")
     with svc.db.session() as s:
-        s.execute(update(TrainingItem).where(TrainingItem.id == mine["training_item_id"]).values(external_ref=HOSTILE))
+        s.execute(update(TrainingItem).where(TrainingItem.id == mine["training_item_id"])
+                  .values(external_ref=HOSTILE))
     c = svc.client
     sign_in(c, svc.owner_keys["alice"])
     for page in ("/web/works", f"/web/works/{mine['training_item_id']}"):
@@ -84,11 +87,11 @@ def test_holder_pages_escape_and_hide_other_holders(svc: Service) -> None:
         assert r.status_code == 200 and r.headers["content-type"] == "image/png", png
     not_found = c.get("/web/works/999999")
     assert not_found.status_code == 404 and "Not found" in not_found.text
-    for url in (f"/web/works/{theirs['training_item_id']}", f"/web/works/{theirs['training_item_id']}/image.png",
-                f"/web/works/{theirs['training_item_id']}/influence/{aid}/generation.png",
-                f"/web/works/{mine['training_item_id']}/influence/{aid}/other.png",
-                f"/web/works/{mine['training_item_id']}/influence/{aid + 1}/generation.png",
-                "/web/works/abc", "/web/attributions", f"/web/attributions/{aid}", "/web/jobs", "/web/nowhere"):
+    other, own = f"/web/works/{theirs['training_item_id']}", f"/web/works/{mine['training_item_id']}"
+    for url in (other, f"{other}/image.png", f"{other}/influence/{aid}/generation.png",
+                f"{own}/influence/{aid}/other.png", f"{own}/influence/{aid + 1}/generation.png",
+                "/web/works/abc", "/web/attributions", f"/web/attributions/{aid}", "/web/jobs",
+                "/web/nowhere"):
         r = c.get(url)
         assert r.status_code == 404 and r.text == not_found.text, url
     shares = c.get("/web/shares").text
