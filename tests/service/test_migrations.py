@@ -81,3 +81,25 @@ def test_check_detects_a_model_change(tmp_path: Path) -> None:
     finally:
         Base.metadata.remove(extra)
     assert isinstance(Base.metadata, MetaData)
+
+
+def test_web_sessions_migration(url: str) -> None:
+    """0002 -> 0005 adds web_session and admits kind 'counterfactual'; back to 0002 drops both
+    (the counterfactual jobs with it) and keeps the other jobs."""
+    migrate.upgrade(url, "0002")
+    engine = create_engine(url)
+    with engine.begin() as c:
+        _job(c, "old", "attribute")
+        with pytest.raises(IntegrityError), c.begin_nested():
+            _job(c, "cf0", "counterfactual")
+    migrate.upgrade(url, "0005")
+    assert "web_session" in inspect(engine).get_table_names()
+    with engine.begin() as c:
+        _job(c, "cf1", "counterfactual")
+        c.execute(text("INSERT INTO web_session (token_hash, csrf_token, created_at, expires_at) "
+                       "VALUES ('h', 't', '2026-01-01', '2026-01-02')"))
+    migrate.downgrade(url, "0002")
+    assert "web_session" not in inspect(engine).get_table_names()
+    with engine.begin() as c:
+        assert c.execute(text("SELECT id FROM job")).scalars().all() == ["old"]
+    engine.dispose()
