@@ -34,9 +34,10 @@ from app.db import Database
 from app.deps import BodyCache, KeyCache, RateLimiter, ReadPool
 from app.orm import Job
 from app.queue import make_celery
-from app.routes import attributions, batches, generations, health, validations, works
+from app.routes import attributions, batches, generations, health, shares, validations, works
 from app.routes import jobs as jobs_routes
 from app.settings import Settings, get_settings
+from app.web import routes as web
 from app.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -265,6 +266,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
             "Long work runs as jobs: a POST answers 202 with a job id to poll at `/jobs/{id}`. "
             "Errors are JSON `{\"detail\": ...}`; a request past a limit gets a 4xx naming the limit."),
         lifespan=lifespan,
+        docs_url=None,  # app.web serves /docs with Swagger UI's files from the app, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
@@ -286,8 +289,9 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         return JSONResponse({"detail": "database unavailable; retry later"}, status_code=503,
                             headers={"Retry-After": "5"})
 
-    for resource in (generations, attributions, jobs_routes, batches, validations, works, health):
+    for resource in (generations, attributions, shares, jobs_routes, batches, validations, works, health):
         app.include_router(resource.router)
+    web.install(app)
     _document_limits(app, settings)
 
     app.add_middleware(Measure, metrics=metrics)

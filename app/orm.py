@@ -42,7 +42,7 @@ class Base(DeclarativeBase):
 Timestamp = DateTime(timezone=True)
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
-JOB_KINDS = ("generate", "attribute", "validate")
+JOB_KINDS = ("generate", "attribute", "validate", "counterfactual")
 JOB_QUEUES = ("interactive", "long")  # app.queue.QUEUES (kept here so the schema imports no Celery)
 
 
@@ -93,6 +93,21 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class WebSession(Base):
+    """A signed-in browser (app.web): the cookie holds a random token, only its SHA-256 is stored,
+    so a leaked table opens no session. ``key_id`` is the API key signed in with (NULL for the
+    environment's operator key): revoking that key ends its sessions. ``owner_id`` NULL is an
+    operator. ``csrf_token`` is what every form of the session must send back."""
+
+    __tablename__ = "web_session"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_key.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("owner.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
 
 
 class TrainingItem(Base):

@@ -129,7 +129,7 @@ class AttributeAccepted(BaseModel):
 
 class JobPublic(BaseModel):
     id: str = Field(description="job id (UUID)")
-    kind: str = Field(description="generate, attribute or validate")
+    kind: str = Field(description="generate, attribute, validate or counterfactual (owner-level)")
     queue: Literal["interactive", "long"] = Field(description="where it waits for a worker: interactive "
                                                   "(generate, attribute, small batches) or long "
                                                   "(validations, large batches)")
@@ -415,3 +415,50 @@ class ValidationPublic(ValidationSummary):
     error: str | None = Field(description="why it failed, if it did")
     report: dict[str, Any] | None = Field(description="the report (what the CLI writes to report.json)")
     figures: dict[str, str] = Field(description="figure name -> URL of its PNG")
+
+
+# ---------------------------------------------------------------------------- shares
+class OwnerSharePublic(BaseModel):
+    owner_id: int | None = Field(description="the rights holder; null: the works that have none")
+    owner_name: str | None = Field(description="that rights holder's name")
+    share: float = Field(description="0..1: the owner's part of the attribution's positive scores "
+                         "(exact where verified); the shares of an attribution sum to 1")
+    works: int = Field(description="the owner's works in the ranking")
+
+
+class AttributionSharesPublic(BaseModel):
+    attribution_id: int = Field(description="the attribution")
+    attributable: bool = Field(description="false: no ranked work has a positive score, so nothing is "
+                               "attributed and there are no shares")
+    status: Literal["attributed", "unattributed"] = Field(description="the same, in words")
+    shares: list[OwnerSharePublic] = Field(description="one line per owner, largest share first")
+
+
+class HolderSharePublic(BaseModel):
+    attribution_id: int = Field(description="the attribution counted for that generation (its newest)")
+    generation_id: int = Field(description="the generation attributed")
+    finished_at: Time = Field(description="when the attribution finished (UTC)")
+    share: float = Field(description="0..1: your share of that attribution")
+    works: int = Field(description="your works in its ranking")
+
+
+class HolderSharePage(_Page):
+    items: list[HolderSharePublic] = Field(description="this page, newest first")
+
+
+class DayTotalPublic(BaseModel):
+    day: str = Field(description="the UTC day (YYYY-MM-DD)")
+    total: float = Field(description="your shares summed over the day's attributed generations")
+    attributable: int = Field(description="generations attributed that day (every holder's)")
+    share: float = Field(description="0..1: total / attributable, your share of that day")
+
+
+class HolderDays(BaseModel):
+    days: list[DayTotalPublic] = Field(description="one per day, oldest first")
+
+
+class OwnerCounterfactualAccepted(BaseModel):
+    job_id: str = Field(description="the job computing it: poll GET /jobs/{job_id}")
+    members_dropped: int = Field(description="members trained on at least one of the owner's works")
+    members_left: int = Field(description="members the counterfactual samples with")
+    image_url: str = Field(description="the counterfactual's PNG, once the job succeeded")

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     read_threads: int = Field(2, ge=1, description="threads that run the hot read routes' database work "
                               "at once, per API process (more only contend for the GIL)")
 
+    web_session_s: float = Field(8 * 3600.0, gt=0, description="seconds a web page sign-in lasts (then the "
+                                 "browser signs in again); revoking the key ends it at once")
+    owner_counterfactual_min_members: int = Field(2, ge=1, description="members that must remain after "
+                                                  "dropping every member trained on one owner's works, for "
+                                                  "an owner-level counterfactual (fewer: refused, 409)")
+
     # Limits: a request past one gets a 4xx whose message names the setting.
     max_seeds_per_request: int = 64
     max_batch_seeds: int = 10_000

@@ -13,7 +13,10 @@ instead (latency counted from the scheduled send time). Phases:
   measuring, see --worker; with a kept data dir or database they are marked failed at the end);
 * ranking: GET /attributions/{id} of a synthetic attribution with top_k=100 (100 entries; of a
   generation sampled with --setup-steps steps, to keep the setup's Jacobian cheap);
-* influence: GET /works/{id}/influence with the key of the rights holder owning that work.
+* influence: GET /works/{id}/influence with the key of the rights holder owning that work;
+* gallery and work_page (embedded server only): the web pages of that rights holder, signed in
+  through the sign-in form (a session cookie): GET /web/works (the first page of the gallery of
+  the holder, who is given --works more works first) and GET /web/works/{id} (that work's page).
 
 Against a running server: --url URL --operator-key KEY [--owner-key KEY] (a worker must run,
 the setup samples one generation and attributes it). Without --url the bench starts its own:
@@ -58,9 +61,10 @@ from typing import Any
 import _common as C
 import httpx
 
-TARGETS_MS = {"enqueue_p99_ms": 50.0, "ranking_p99_ms": 30.0, "influence_p99_ms": 50.0}
+TARGETS_MS = {"enqueue_p99_ms": 50.0, "ranking_p99_ms": 30.0, "influence_p99_ms": 50.0,
+              "gallery_p99_ms": 50.0, "work_page_p99_ms": 50.0}
 TOP_K = 100
-PHASES = ("ranking", "influence", "enqueue")
+PHASES = ("ranking", "influence", "gallery", "work_page", "enqueue")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -118,6 +122,8 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for the server, e.g. ATTRIB_AUTH_CACHE_S=0 (repeatable); the per-key "
                         "rate limit is off unless set here (ATTRIB_RATE_LIMIT_PER_MINUTE)")
+    g.add_argument("--works", type=int, default=10_000,
+                   help="works added to the rights holder of the page phases (gallery, work_page)")
     p.add_argument("--setup-steps", type=int, default=4,
                    help="sampling steps of the setup's generation (its attribution's cost grows with them)")
     p.add_argument("--enqueue-steps", type=int, default=1,
@@ -278,8 +284,8 @@ class RawClient:
                 self._built[key] = req
         return req
 
-    async def get(self, path: str) -> RawResponse:
-        return await self.request("GET", path)
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> RawResponse:
+        return await self.request("GET", path, b"", headers)
 
     async def post(self, path: str, content: bytes = b"",
                    headers: dict[str, str] | None = None) -> RawResponse:
@@ -423,7 +429,60 @@ def load_requests(setup: dict[str, Any], seeds: itertools.count[int], steps: int
             return c.get(f"/works/{wid}/influence")
 
         out["influence"] = (setup["owner_key"], influence)
+    if setup.get("session_cookie") is not None:
+        cookie = {"Cookie": f"attrib_session={setup['session_cookie']}"}
+
+        def gallery(c: Client) -> Awaitable[Any]:
+            return c.get("/web/works", headers=cookie)
+
+        def work_page(c: Client) -> Awaitable[Any]:
+            return c.get(f"/web/works/{wid}", headers=cookie)
+
+        out["gallery"] = (setup["owner_key"], gallery)
+        out["work_page"] = (setup["owner_key"], work_page)
     return out
+
+
+def add_works(database_url: str, owner: str, count: int) -> int:
+    """``count`` more works (one dataset, all with the image of an existing work) for ``owner``;
+    returns how many works the owner has now."""
+    from sqlalchemy import func, insert, select
+
+    from app.db import Database
+    from app.orm import Dataset, Owner, TrainingItem
+
+    db = Database(database_url)
+    try:
+        with db.session() as s:
+            owner_id = s.scalar(select(Owner.id).where(Owner.name == owner))
+            image_sha, sha = s.execute(select(TrainingItem.image_sha, TrainingItem.sha256).limit(1)).one()
+            ds = Dataset(name=f"bench-works-{secrets.token_hex(4)}", channels=1, height=8, width=8,
+                         item_count=count, spec={}, fingerprint=sha)
+            s.add(ds)
+            s.flush()
+            rows = [dict(dataset_id=ds.id, index=i, owner_id=owner_id, external_ref=f"bench work {i}",
+                         label=None, sha256=sha, image_sha=image_sha) for i in range(count)]
+            for lo in range(0, count, 1000):
+                s.execute(insert(TrainingItem), rows[lo : lo + 1000])
+        with db.session() as s:
+            return int(s.scalar(select(func.count()).where(TrainingItem.owner_id == owner_id)) or 0)
+    finally:
+        db.dispose()
+
+
+def sign_in(url: str, key: str) -> str:
+    """A web session of ``key`` through the sign-in form: the session cookie's value."""
+    with httpx.Client(base_url=url, timeout=30) as c:
+        form = c.get("/web/sign-in")
+        token = form.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+        r = c.post("/web/sign-in", data={"key": key, "csrf_token": token})
+        cookie = c.cookies.get("attrib_session")
+        if cookie is None:
+            raise RuntimeError(f"sign-in to the web pages failed: HTTP {r.status_code} {r.text[:300]}")
+        page = c.get("/web/works")
+        if page.status_code != 200:
+            raise RuntimeError(f"GET /web/works: HTTP {page.status_code}")
+        return cookie
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -813,6 +872,13 @@ def main() -> None:
         C.log(f"setup: attribution {st['attribution_id']} ({st['entries']} entries, "
               f"{st['ranking_bytes']} bytes), work {st['work_id']} of {st['work_owner']!r} "
               f"(rank {st['work_rank']}), {st['seconds']} s")
+        if server is not None and st["work_owner"] is not None and st["owner_key"] is not None:
+            t0 = time.perf_counter()
+            st["owner_works"] = add_works(server.database_url or f"sqlite:///{server.dir / 'attrib.db'}",
+                                          st["work_owner"], args.works)
+            st["session_cookie"] = sign_in(url, st["owner_key"])
+            C.log(f"setup: {st['work_owner']!r} has {st['owner_works']} works, signed in to the pages "
+                  f"({time.perf_counter() - t0:.1f} s)")
         if server is not None and args.worker == "paused":
             server.signal_worker(signal.SIGSTOP)
         requests = load_requests(st, itertools.count(seed0 + 1), args.enqueue_steps, job_ids)
@@ -824,7 +890,8 @@ def main() -> None:
         with runner:
             for n, phase in plan:
                 if phase not in requests:
-                    skipped[phase] = "no --owner-key, or no work of that rights holder in the top 100"
+                    skipped[phase] = ("no --owner-key, or no work of that rights holder in the top 100"
+                                      + ("; the page phases need the embedded server" if args.url else ""))
                     continue
                 key, req = requests[phase]
                 settle = _settle(url, 120.0)
@@ -889,7 +956,7 @@ def main() -> None:
         "checks": checks,
         "by_clients": by_clients,
         "skipped": skipped,
-        "setup": {k: v for k, v in st.items() if not k.endswith("_key")},
+        "setup": {k: v for k, v in st.items() if not k.endswith(("_key", "_cookie"))},
         "enqueued_jobs": len(job_ids),
         "memory": memory,
         "config": {

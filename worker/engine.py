@@ -33,10 +33,10 @@ from experiments.common import ENSEMBLE_OPTIONS, ExperimentError
 from models.ablation import gram, jacobian
 from models.attribute import AttributionConfig, SampleAttribution, attribute_exact, rank_sources, verify
 from models.data import DatasetError
-from models.distances import LPIPSMetric, load_lpips
+from models.distances import LPIPSMetric, l2_distance, load_lpips
 from models.ensemble import Ensemble, resolve_device
 from models.images import png_bytes
-from models.sampler import make_tape, sample
+from models.sampler import exact_counterfactuals, make_tape, sample
 from models.unet import WideUNet
 
 log = logging.getLogger(__name__)
@@ -319,8 +319,41 @@ def _options_of_flags(cls: type[AnyConfig], flags: list[str]) -> dict[str, Any]:
     return options
 
 
+# ----------------------------------------------------------------- owner counterfactual
+def run_counterfactual(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
+    """The generation resampled with the same noise without the members in ``payload["members"]``
+    (those trained on any of one owner's works; app.shares.owner_members chose them), the others
+    weighted equally; stores its PNG and its distance to the generation."""
+    attribution_id, mask = int(job.payload["attribution_id"]), int(job.payload["members"])
+    with db.session() as s:
+        att = s.get(Attribution, attribution_id)
+        if att is None:
+            raise JobError(f"attribution {attribution_id} does not exist")
+        gen0 = s.get(Generation, att.generation_id)
+        assert gen0 is not None
+        le = cache.ensemble(s, gen0.ensemble_id)
+    n = le.ens.n
+    kept = torch.tensor([0.0 if mask >> i & 1 else 1.0 for i in range(n)], dtype=torch.float64)
+    if kept.sum() < 1:
+        raise JobError(f"members {mask:#x} leave none of the {n} members")
+    gen, f = _ensure_sample(db, le, att.generation_id)
+    progress(0.2)
+    tape = make_tape([gen.seed], le.ens.shape, gen.steps)
+    x = exact_counterfactuals(le.ens.net, le.ens.schedule, tape, (kept / kept.sum())[None],
+                              members=le.members)[0, 0].cpu()
+    progress(0.9)
+    with db.session() as s:
+        sha = put_image(s, png_bytes(x), x.shape[-1], x.shape[-2])
+        result = {"attribution_id": attribution_id, "owner_id": int(job.payload["owner_id"]),
+                  "members_dropped": n - int(kept.sum()), "members_left": int(kept.sum()),
+                  "image_sha": sha, "l2_distance": float(l2_distance(x.double(), f.double()))}
+        jobs.finish(s, job.id, result)
+    return result
+
+
 RUNNERS: dict[str, Callable[[Database, EngineCache, Job, Progress], dict[str, Any]]] = {
     "generate": run_generate,
     "attribute": run_attribute,
     "validate": run_validate,
+    "counterfactual": run_counterfactual,
 }

@@ -23,14 +23,14 @@ router = APIRouter(prefix="/works", tags=["rights holder"],
                              "rights holder's key)"}})
 
 
-def _own(s: Session, p: Principal, work_id: int) -> TrainingItem:
+def own_work(s: Session, p: Principal, work_id: int) -> TrainingItem:
     item = s.get(TrainingItem, work_id)
     if item is None or item.owner_id != p.owner_id:
         raise HTTPException(404, f"work {work_id} not found")
     return item
 
 
-def _work_public(t: TrainingItem) -> WorkPublic:
+def work_public(t: TrainingItem) -> WorkPublic:
     return WorkPublic(id=t.id, dataset_id=t.dataset_id, external_ref=t.external_ref, label=t.label,
                       sha256=t.sha256, image_url=f"/works/{t.id}/image.png")
 
@@ -42,17 +42,17 @@ def list_works(p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset
     q = select(TrainingItem).where(TrainingItem.owner_id == p.owner_id)
     total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
     items = s.scalars(q.order_by(TrainingItem.id).offset(offset).limit(limit_))
-    return WorkPage(items=[_work_public(t) for t in items], total=total, offset=offset, limit=limit_)
+    return WorkPage(items=[work_public(t) for t in items], total=total, offset=offset, limit=limit_)
 
 
 @router.get("/{work_id}", response_model=WorkPublic, summary="One of your works")
 def get_work(work_id: PathId, p: OwnerDep, s: SessionDep) -> WorkPublic:
-    return _work_public(_own(s, p, work_id))
+    return work_public(own_work(s, p, work_id))
 
 
 @router.get("/{work_id}/image.png", responses=PNG, response_class=Response, summary="Your work's image")
 def get_work_image(work_id: PathId, p: OwnerDep, s: SessionDep, scale: Scale = 1) -> Response:
-    img = s.get(Image, _own(s, p, work_id).image_sha)
+    img = s.get(Image, own_work(s, p, work_id).image_sha)
     assert img is not None
     return png_response(img.png, scale)
 
@@ -95,6 +95,11 @@ _OWNER_OF = select(TrainingItem.owner_id).where(TrainingItem.id == bindparam("wo
 
 
 def _influence_json(db: Database, p: Principal, work_id: int, offset: int, limit_: int) -> bytes:
+    return influence_page(db, p, work_id, offset, limit_).model_dump_json().encode()  # built and checked once
+
+
+def influence_page(db: Database, p: Principal, work_id: int, offset: int, limit_: int) -> InfluencePage:
+    """A page of the caller's work's influence, newest first (404 for anything not theirs)."""
     if p.owner_id is None:
         raise HTTPException(404, f"work {work_id} not found")
     with db.reads.connect() as c:
@@ -114,12 +119,11 @@ def _influence_json(db: Database, p: Principal, work_id: int, offset: int, limit
                              generation_url=f"{base}/{r.attribution_id}/generation.png",
                              counterfactual_url=f"{base}/{r.attribution_id}/counterfactual.png")
              for r in rows]
-    page = InfluencePage(work_id=work_id, items=items, total=total, offset=offset, limit=limit_)
-    return page.model_dump_json().encode()  # built and checked once
+    return InfluencePage(work_id=work_id, items=items, total=total, offset=offset, limit=limit_)
 
 
-def _ranked(s: Session, p: Principal, work_id: int, attribution_id: int) -> Attribution:
-    _own(s, p, work_id)
+def ranked_attribution(s: Session, p: Principal, work_id: int, attribution_id: int) -> Attribution:
+    own_work(s, p, work_id)
     att = s.get(Attribution, attribution_id)
     ranked = att is not None and att.status == "succeeded" and s.scalar(
         select(AttributionEntry.id).where(AttributionEntry.attribution_id == attribution_id,
@@ -133,7 +137,7 @@ def _ranked(s: Session, p: Principal, work_id: int, attribution_id: int) -> Attr
             summary="The generation your work influenced")
 def get_influenced_generation(work_id: PathId, attribution_id: PathId, p: OwnerDep, s: SessionDep,
                               scale: Scale = 1) -> Response:
-    att = _ranked(s, p, work_id, attribution_id)
+    att = ranked_attribution(s, p, work_id, attribution_id)
     gen = s.get(Generation, att.generation_id)
     if gen is None or gen.image_sha is None:
         raise HTTPException(404, "generation image not found")
@@ -146,5 +150,5 @@ def get_influenced_generation(work_id: PathId, attribution_id: PathId, p: OwnerD
             response_class=Response, summary="That generation without your work")
 def get_influenced_counterfactual(work_id: PathId, attribution_id: PathId, p: OwnerDep, s: SessionDep,
                                   scale: Scale = 1) -> Response:
-    _ranked(s, p, work_id, attribution_id)
+    ranked_attribution(s, p, work_id, attribution_id)
     return png_response(counterfactual_png(s, attribution_id, work_id), scale)

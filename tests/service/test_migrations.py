@@ -106,3 +106,25 @@ def test_job_queues_migration(url: str) -> None:
         assert c.execute(text("SELECT id FROM job ORDER BY id")).scalars().all() == ["a", "g", "v"]
     assert "queue" not in {col["name"] for col in inspect(engine).get_columns("job")}
     engine.dispose()
+
+
+def test_web_sessions_migration(url: str) -> None:
+    """0003 -> 0005 adds web_session and admits kind 'counterfactual'; back to 0003 drops both
+    (the counterfactual jobs with it) and keeps the other jobs."""
+    migrate.upgrade(url, "0003")
+    engine = create_engine(url)
+    with engine.begin() as c:
+        _job(c, "old", "attribute")
+        with pytest.raises(IntegrityError), c.begin_nested():
+            _job(c, "cf0", "counterfactual")
+    migrate.upgrade(url, "0005")
+    assert "web_session" in inspect(engine).get_table_names()
+    with engine.begin() as c:
+        _job(c, "cf1", "counterfactual")
+        c.execute(text("INSERT INTO web_session (token_hash, csrf_token, created_at, expires_at) "
+                       "VALUES ('h', 't', '2026-01-01', '2026-01-02')"))
+    migrate.downgrade(url, "0003")
+    assert "web_session" not in inspect(engine).get_table_names()
+    with engine.begin() as c:
+        assert c.execute(text("SELECT id FROM job")).scalars().all() == ["old"]
+    engine.dispose()

@@ -1,0 +1,38 @@
+"""Helpers for the shares and page tests: generations attributed through the API, and a browser
+session signed in through the sign-in form."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.testclient import TestClient
+
+from tests.service.conftest import Service
+
+
+def attribute_seeds(svc: Service, seeds: list[int], steps: int = 6, **options: object) -> list[int]:
+    """Sample ``seeds`` and attribute each (``options`` as for POST /attribute); the jobs are
+    run. Returns the attribution ids, in seed order."""
+    r = svc.client.post("/generate", json={"seeds": seeds, "steps": steps}, headers=svc.op())
+    assert r.status_code == 202, r.text
+    out = []
+    for gid in r.json()["generation_ids"]:
+        a = svc.client.post("/attribute", json={"generation_id": gid, **options}, headers=svc.op())
+        assert a.status_code == 202, a.text
+        out.append(a.json()["attribution_id"])
+    assert set(svc.run_jobs()) <= {"succeeded"}
+    return out
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "no CSRF token in the page"
+    return found.group(1)
+
+
+def sign_in(client: TestClient, key: str) -> None:
+    """Sign ``client`` in with ``key`` through the form (its cookies then hold the session)."""
+    page = client.get("/web/sign-in")
+    r = client.post("/web/sign-in", data={"key": key, "csrf_token": csrf_of(page.text)},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text

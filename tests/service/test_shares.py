@@ -1,0 +1,118 @@
+"""Shares (app/shares.py): per attribution they sum to 1 over owners, or say unattributed; a
+holder's page and daily totals agree with them and count each generation once; the owner-level
+counterfactual is refused when too few members would remain, and with one work it is exactly
+that work's counterfactual."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from sqlalchemy import select, update
+
+from app.orm import AttributionEntry, Owner, TrainingItem
+from tests.service.attributed import attribute_seeds
+from tests.service.conftest import Service
+
+
+def expected_shares(ranking: dict) -> dict[int | None, float]:
+    """The README's definition, from GET /attributions/{id}: positive scores, exact where verified."""
+    weight: dict[int | None, float] = defaultdict(float)
+    for e in ranking["entries"]:
+        score = e["exact_score"] if e["exact_score"] is not None else e["score"]
+        weight[e["owner_id"]] += max(score, 0.0)
+    total = sum(weight.values())
+    return {o: w / total for o, w in weight.items()}
+
+
+def test_shares_sum_to_one_on_every_attribution(svc: Service) -> None:
+    ids = attribute_seeds(svc, [11, 12, 13], top_k=12, verify_top_k=3)
+    ids += attribute_seeds(svc, [14], top_k=8, method="exact")
+    with svc.db.session() as s:  # one ranking with nothing attributable
+        s.execute(update(AttributionEntry).where(AttributionEntry.attribution_id == ids[0])
+                  .values(score=0.0, exact_score=None))
+    for aid in ids:
+        body = svc.client.get(f"/attributions/{aid}/shares", headers=svc.op()).json()
+        if aid == ids[0]:
+            assert body == {"attribution_id": aid, "attributable": False, "status": "unattributed",
+                            "shares": []}
+            continue
+        assert body["status"] == "attributed"
+        assert math.isclose(sum(o["share"] for o in body["shares"]), 1.0, abs_tol=1e-12)
+        ranking = svc.client.get(f"/attributions/{aid}", headers=svc.op()).json()
+        want = expected_shares(ranking)
+        assert {o["owner_id"] for o in body["shares"]} == set(want)
+        assert all(math.isclose(o["share"], want[o["owner_id"]], rel_tol=1e-12) for o in body["shares"])
+        listed = [o["share"] for o in body["shares"]]
+        assert listed == sorted(listed, reverse=True)
+        assert sum(o["works"] for o in body["shares"]) == len(ranking["entries"])
+    assert svc.client.get(f"/attributions/{ids[1]}/shares", headers=svc.owner("alice")).status_code == 403
+    assert svc.client.get("/attributions/999/shares", headers=svc.op()).status_code == 404
+
+
+def test_holder_pages_and_days_count_each_generation_once(svc: Service) -> None:
+    first = attribute_seeds(svc, [21, 22, 23], top_k=10)
+    # The same generations attributed again (another top_k): only these newer ones count.
+    newer = attribute_seeds(svc, [21, 22, 23], top_k=15)
+    per_attribution = {aid: {o["owner_name"]: o["share"] for o in svc.client.get(
+        f"/attributions/{aid}/shares", headers=svc.op()).json()["shares"]} for aid in newer}
+    for name in ("alice", "bob"):
+        mine = {aid: sh[name] for aid, sh in per_attribution.items() if sh.get(name, 0) > 0}
+        page = svc.client.get("/me/shares?limit=2", headers=svc.owner(name)).json()
+        assert page["total"] == len(mine) and len(page["items"]) == min(2, len(mine))
+        rest = svc.client.get("/me/shares?offset=2&limit=2", headers=svc.owner(name)).json()
+        got = {i["attribution_id"]: i["share"] for i in page["items"] + rest["items"]}
+        assert set(got) == set(mine) and not set(got) & set(first)
+        assert all(math.isclose(got[a], mine[a], rel_tol=1e-12) for a in mine)
+        assert [i["attribution_id"] for i in page["items"]] == sorted(got, reverse=True)[:2]
+        days = svc.client.get("/me/shares/days?days=3", headers=svc.owner(name)).json()["days"]
+        assert len(days) == 3 and days[0]["total"] == 0.0
+        today = days[-1]
+        assert today["attributable"] == 3
+        assert math.isclose(today["total"], sum(mine.values()), rel_tol=1e-12)
+        assert math.isclose(today["share"], today["total"] / 3, rel_tol=1e-12)
+    past = svc.client.get("/me/shares?offset=50", headers=svc.owner("alice")).json()
+    assert past["items"] == [] and past["total"] == len(
+        [a for a, sh in per_attribution.items() if sh.get("alice", 0) > 0])
+    assert svc.client.get("/me/shares", headers=svc.op()).status_code == 403
+    assert svc.client.get("/me/shares/days?days=0", headers=svc.owner("alice")).status_code == 422
+
+
+def test_owner_counterfactual_refused_or_exact(svc: Service) -> None:
+    [aid] = attribute_seeds(svc, [31], top_k=5, verify_top_k=1)
+    ranking = svc.client.get(f"/attributions/{aid}", headers=svc.op()).json()
+    top = ranking["entries"][0]
+    # alice's works cover all 8 members of the tiny ensemble: nothing would remain.
+    alice = svc.owner_ids["alice"]
+    r = svc.client.post(f"/attributions/{aid}/shares/{alice}/counterfactual", headers=svc.op())
+    assert r.status_code == 409
+    assert "owner_counterfactual_min_members=2" in r.json()["detail"] and "8 of the 8" in r.json()["detail"]
+    # A holder of one work: dropping its members is that work's exact counterfactual.
+    with svc.db.session() as s:
+        dave = Owner(name="dave")
+        s.add(dave)
+        s.flush()
+        s.execute(update(TrainingItem).where(TrainingItem.id == top["training_item_id"])
+                  .values(owner_id=dave.id))
+        dave_id = dave.id
+    url = f"/attributions/{aid}/shares/{dave_id}/counterfactual"
+    assert svc.client.get(url + ".png", headers=svc.op()).status_code == 404
+    r = svc.client.post(url, headers=svc.op())
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["members_dropped"], body["members_left"]) == (4, 4)
+    assert svc.client.post(url, headers=svc.op()).json()["job_id"] == body["job_id"]  # asked again: same job
+    assert "not ready" in svc.client.get(url + ".png", headers=svc.op()).json()["detail"]
+    assert svc.run_jobs() == ["succeeded"]
+    job = svc.client.get(f"/jobs/{body['job_id']}", headers=svc.op()).json()
+    assert job["kind"] == "counterfactual" and math.isclose(job["result"]["l2_distance"], top["exact_score"],
+                                                             rel_tol=1e-4)
+    owner_png = svc.client.get(url + ".png", headers=svc.op())
+    item_png = svc.client.get(top["counterfactual_url"], headers=svc.op())
+    assert top["counterfactual_kind"] == "exact"
+    assert owner_png.status_code == 200 and owner_png.content == item_png.content
+    with svc.db.session() as s:
+        owner = s.scalar(select(TrainingItem.owner_id).where(TrainingItem.id == top["training_item_id"]))
+        assert owner == dave_id
+    missing = svc.client.post(f"/attributions/{aid}/shares/999/counterfactual", headers=svc.op())
+    assert missing.status_code == 404
