@@ -153,8 +153,7 @@ def _attributions(s: Session, gens: list[Row[Any]] | list[Generation], opt: Attr
     """Get or create one attribution per generation with these options; (row, needs a job).
 
     A failed attribution asked for again is reset (a retry); one pending or running keeps its job."""
-    limit("max_top_k", opt.top_k, settings, "top_k")
-    limit("max_verify_top_k", opt.verify_top_k, settings, "verify_top_k")
+    check_attribute_limits(opt, settings)
     # Exact entries are exact already; verifying more than the reported top_k means all of them.
     verify_k = 0 if opt.method == "exact" else min(opt.verify_top_k, opt.top_k)
     key = dict(method=opt.method, metric=opt.metric, top_k=opt.top_k, verify_top_k=verify_k)
@@ -183,12 +182,23 @@ def _attributions(s: Session, gens: list[Row[Any]] | list[Generation], opt: Attr
 
 
 def _replay(s: Session, key: str | None, kind: str) -> Job | None:
+    """The job of an earlier request with this Idempotency-Key (409 if that was another kind of
+    request: a batch's first job carries the batch's key, but it is no POST /generate's job)."""
     if key is None:
         return None
     job = s.scalar(select(Job).where(Job.idempotency_key == key))
-    if job is not None and job.kind != kind:
-        raise HTTPException(409, f"Idempotency-Key {key!r} was used for a {job.kind} request")
+    if job is None:
+        return None
+    used_for = "batch" if job.batch_id is not None else job.kind
+    if used_for != kind:
+        raise HTTPException(409, f"Idempotency-Key {key!r} was used for a {used_for} request")
     return job
+
+
+def check_attribute_limits(opt: AttributeOptions, settings: Settings) -> None:
+    """Before any replay by Idempotency-Key: a request past a limit is a 422 every time."""
+    limit("max_top_k", opt.top_k, settings, "top_k")
+    limit("max_verify_top_k", opt.verify_top_k, settings, "verify_top_k")
 
 
 @router.post("/generate", status_code=202, response_model=GenerateAccepted,
@@ -198,6 +208,8 @@ async def generate(body: GenerateCreate, _: LimitedOperatorDep, writer: WriterDe
     """Creates one generation per seed and a job that samples them. Poll `GET /jobs/{job_id}`;
     the same (ensemble, seed, steps) always gives the same generation and the same bytes."""
     limit("max_seeds_per_request", body.num_seeds(), settings, "number of seeds")
+    if body.steps is not None:  # before any replay by Idempotency-Key, like every limit
+        limit("max_steps", body.steps, settings, "steps")
     seeds = body.seed_list()
     return await writer.run(lambda tx: _generate(tx, body, seeds, settings, idempotency_key))
 
@@ -242,6 +254,7 @@ async def attribute(body: AttributeCreate, _: LimitedOperatorDep, writer: Writer
                     idempotency_key: IdempotencyKey = None) -> AttributeAccepted:
     """Ranks every training work by how much removing it would change the generation. The same
     request twice returns the same attribution (and its job, while it runs)."""
+    check_attribute_limits(body, settings)
     return await writer.run(lambda tx: _attribute(tx, body, settings, idempotency_key))
 
 
@@ -382,6 +395,10 @@ async def create_batch(body: BatchCreate, _: LimitedOperatorDep, writer: WriterD
     """Samples every seed (and attributes each sample when `attribute` is given); follow
     `GET /batches/{batch_id}` for progress over the whole batch."""
     limit("max_batch_seeds", body.num_seeds(), settings, "number of seeds")
+    if body.steps is not None:
+        limit("max_steps", body.steps, settings, "steps")
+    if body.attribute is not None:
+        check_attribute_limits(body.attribute, settings)
     seeds = body.seed_list()
     out, new_jobs = await writer.run(lambda tx: _create_batch(tx, body, seeds, settings, idempotency_key))
     # Publishing thousands of ids takes a while: after the response (the jobs are safe in the
@@ -395,13 +412,12 @@ def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Setting
                   idempotency_key: str | None) -> tuple[BatchAccepted, list[str]]:
     """The batch, and the ids of the jobs it created (none when replayed)."""
     s = tx.s
-    if idempotency_key is not None:
-        old = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
-        if old is not None and old.batch_id is not None:
-            ids = list(s.scalars(select(Job.id).where(Job.batch_id == old.batch_id)))
-            b = s.get(Batch, old.batch_id)
-            assert b is not None
-            return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids), []
+    old = _replay(s, idempotency_key, "batch")
+    if old is not None and old.batch_id is not None:
+        ids = list(s.scalars(select(Job.id).where(Job.batch_id == old.batch_id)))
+        b = s.get(Batch, old.batch_id)
+        assert b is not None
+        return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids), []
     ens = _ensemble(tx, body.ensemble_id)
     steps = _steps(body.steps, ens, settings)
     opt = body.attribute
