@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 RUNS   ?= runs
+PYTEST_ARGS ?=
 CKPT   ?= $(RUNS)/digits.pt
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
@@ -34,11 +35,12 @@ demo: $(STAMP)
 		--out-json $(RUNS)/attribution.json --out-png $(RUNS)/attribution.png
 	@echo "Figure: $(RUNS)/attribution.png  Report: $(RUNS)/attribution.json  Samples: $(RUNS)/samples.png"
 
-## test: create/update the venv, lint (ruff, mypy), and run the whole suite.
+## test: create/update the venv, lint (ruff, mypy), and run the whole suite (extra pytest flags:
+## PYTEST_ARGS, e.g. make test PYTEST_ARGS="-k api -x").
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,6 +22,8 @@ from app.settings import Settings
 from app.writer import Writer
 
 T = TypeVar("T")
+Clock = Callable[[], float]
+"""Seconds on a monotonic scale: ``time.monotonic``, or a test's own clock (no sleeping)."""
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: <API key>")
@@ -73,13 +75,13 @@ class BodyCache:
     """Response bodies by key for ``ttl`` seconds (math.inf: until evicted), at most ``size``,
     least recently used dropped first. Used from the event loop only (no lock)."""
 
-    def __init__(self, ttl: float, size: int = 10_000) -> None:
-        self.ttl, self.size = ttl, size
+    def __init__(self, ttl: float, size: int = 10_000, clock: Clock = time.monotonic) -> None:
+        self.ttl, self.size, self.clock = ttl, size, clock
         self._items: OrderedDict[Hashable, tuple[float, bytes]] = OrderedDict()
 
     def get(self, key: Hashable) -> bytes | None:
         hit = self._items.get(key)
-        if hit is None or hit[0] <= time.monotonic():
+        if hit is None or hit[0] <= self.clock():
             return None
         self._items.move_to_end(key)
         return hit[1]
@@ -87,7 +89,7 @@ class BodyCache:
     def put(self, key: Hashable, body: bytes) -> None:
         if self.ttl <= 0:
             return
-        self._items[key] = (time.monotonic() + self.ttl, body)
+        self._items[key] = (self.clock() + self.ttl, body)
         self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -112,20 +114,20 @@ class KeyCache:
     """Recently authenticated keys (by hash) for ``ttl`` seconds: one DB lookup per key per
     TTL instead of per request. Revocation therefore takes effect within ``ttl``."""
 
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
+    def __init__(self, ttl: float, clock: Clock = time.monotonic) -> None:
+        self.ttl, self.clock = ttl, clock
         self._hits: dict[str, tuple[float, Principal | None]] = {}
 
     def get(self, key: str) -> tuple[bool, Principal | None]:
         hit = self._hits.get(hash_key(key))
-        if hit is None or time.monotonic() - hit[0] > self.ttl:
+        if hit is None or self.clock() - hit[0] > self.ttl:
             return False, None
         return True, hit[1]
 
     def put(self, key: str, p: Principal | None) -> None:
         if len(self._hits) > 10_000:
             self._hits.clear()
-        self._hits[hash_key(key)] = (time.monotonic(), p)
+        self._hits[hash_key(key)] = (self.clock(), p)
 
 
 async def get_principal(
@@ -133,6 +135,10 @@ async def get_principal(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
 ) -> Principal:
+    if bearer is None and "authorization" in request.headers:
+        # Not ignored in favour of X-API-Key: a client whose credentials are malformed must know.
+        raise HTTPException(401, "Authorization header is not 'Bearer <API key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
     key = bearer.credentials if bearer is not None else header
     if bearer is not None and header is not None and bearer.credentials != header:
         raise HTTPException(401, "two different API keys (Authorization and X-API-Key): send one",
@@ -177,7 +183,8 @@ class RateLimiter:
     """Token buckets per key: ``burst`` requests at once, refilled at ``per_minute``. In-process
     (each API process limits on its own)."""
 
-    def __init__(self, per_minute: float, burst: int) -> None:
+    def __init__(self, per_minute: float, burst: int, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
         self.rate = per_minute / 60.0
         self.burst = float(max(1, burst))
         self._buckets: dict[object, tuple[float, float]] = {}
@@ -187,7 +194,7 @@ class RateLimiter:
         """0 when allowed, else the seconds until a request would be."""
         if self.rate <= 0:
             return 0.0
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             tokens, last = self._buckets.get(who, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)

@@ -6,6 +6,7 @@ import gc
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
@@ -28,14 +29,16 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.routing import compile_path
 
 from app import jobs
 from app.db import Database
-from app.deps import BodyCache, KeyCache, RateLimiter, ReadPool
+from app.deps import BodyCache, Clock, KeyCache, RateLimiter, ReadPool
 from app.orm import Job
 from app.queue import make_celery
 from app.routes import attributions, batches, generations, health, shares, validations, works
 from app.routes import jobs as jobs_routes
+from app.schemas import ErrorPublic
 from app.settings import Settings, get_settings
 from app.web import routes as web
 from app.writer import Writer
@@ -92,6 +95,37 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class AllowedMethods:
+    """A 405 names in ``Allow`` every method its path serves (RFC 9110), as the OpenAPI schema
+    documents them. Starlette lists only the methods of the first route whose path matched:
+    ``OPTIONS /validations`` said ``Allow: POST`` although GET is served there too."""
+
+    def __init__(self, app: ASGIApp, paths: Callable[[], dict[str, Any]]) -> None:
+        self.app, self.paths = app, paths
+        self._methods: list[tuple[re.Pattern[str], str]] | None = None
+
+    def allowed(self, path: str) -> str | None:
+        if self._methods is None:  # the schema is complete once requests arrive
+            self._methods = [(compile_path(template)[0], ", ".join(sorted(m.upper() for m in ops)))
+                             for template, ops in self.paths().items()]
+        return next((methods for regex, methods in self._methods if regex.match(path)), None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_allow(msg: Message) -> None:
+            if msg["type"] == "http.response.start" and msg["status"] == 405:
+                allowed = self.allowed(scope["path"])
+                if allowed is not None:  # else a route outside the schema (/docs): Starlette's is right
+                    headers = [(k, v) for k, v in msg.get("headers", []) if k.lower() != b"allow"]
+                    msg = {**msg, "headers": [*headers, (b"allow", allowed.encode())]}
+            await send(msg)
+
+        await self.app(scope, receive, send_allow)
 
 
 class Measure:
@@ -234,7 +268,47 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings | None = None, *, celery: Celery | None = None) -> FastAPI:
+ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorPublic"}}}
+# Answers any operation can give, by what it takes: documented on every operation they apply to,
+# so that clients and schema-driven tests know every status (routers add their own: 404, 409...).
+BODY_ERRORS = {400: "the body is not valid JSON text (e.g. not UTF-8)",
+               422: "invalid request, or past a limit (named in the message)"}
+PARAMETER_ERRORS = {422: "invalid request, or past a limit (named in the message)"}
+AUTH_ERRORS = {401: "missing, invalid or revoked API key"}
+EVERY_OPERATION_ERRORS = {413: "body larger than max_body_bytes"}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Add the answers of BodyLimit, FastAPI's body parsing and validation, and authentication
+    to every operation they apply to (as ErrorPublic), unless the route documents them itself."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        schema["components"]["schemas"].setdefault("ErrorPublic", ErrorPublic.model_json_schema())
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                errors = dict(EVERY_OPERATION_ERRORS)
+                if op.get("parameters"):
+                    errors |= PARAMETER_ERRORS
+                if "requestBody" in op:
+                    errors |= BODY_ERRORS
+                if op.get("security"):
+                    errors |= AUTH_ERRORS
+                responses = op.setdefault("responses", {})
+                for status, why in errors.items():
+                    responses.setdefault(str(status), {"description": why, "content": ERROR_REF})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None, *, celery: Celery | None = None,
+               clock: Clock = time.monotonic) -> FastAPI:
+    """The API; ``clock`` times its caches and rate limits (a test passes its own, not sleeps)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -272,13 +346,14 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
     app.state.celery = celery or make_celery(settings)
-    app.state.key_cache = KeyCache(settings.auth_cache_s)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    app.state.key_cache = KeyCache(settings.auth_cache_s, clock=clock)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst,
+                                         clock=clock)
     app.state.ranking_cache = BodyCache(math.inf, size=2048)  # a finished ranking never changes
     app.state.metrics = metrics = Metrics(app.state.db)
     app.state.writer = Writer(app.state.db, app.state.celery, on_commit=metrics.committed)
     app.state.reads = ReadPool(settings.read_threads)
-    app.state.influence_cache = BodyCache(settings.influence_cache_s)
+    app.state.influence_cache = BodyCache(settings.influence_cache_s, clock=clock)
 
 
     @app.exception_handler(OperationalError)
@@ -293,7 +368,9 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         app.include_router(resource.router)
     web.install(app)
     _document_limits(app, settings)
+    _document_errors(app)
 
+    app.add_middleware(AllowedMethods, paths=lambda: app.openapi()["paths"])
     app.add_middleware(Measure, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # outermost: before any parsing
     return app

@@ -23,7 +23,24 @@ Time = Annotated[datetime, AfterValidator(_utc)]
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are errors, and so is any conversion (strict): ``false`` or
+    ``"3"`` where an integer is expected is a 422, not 0 or 3. Subclasses inherit both."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_integers(cls, data: Any) -> Any:
+        """JSON Schema counts a number with no fraction (``7.0``) as an integer; so does the API."""
+        return {k: _integral(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 class ErrorPublic(BaseModel):

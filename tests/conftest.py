@@ -18,6 +18,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,43 @@ from models.train import TrainConfig, train
 from models.unet import WideUNet
 
 TINY_ITEMS = 60
+
+# Under ATTRIB_REQUIRE_SERVICES=1 (CI, .ci/run) a test may skip only for one of these reasons (a
+# substring of its skip message); any other skip is turned into a failure, so a test CI is meant
+# to run cannot pass by not running. Keep it short; README.md "Tests" lists it.
+SKIPS_ALLOWED = (
+    "needs a CUDA device",  # GPU-only checks, on a machine without a GPU
+)
+REQUIRE_SERVICES = os.environ.get("ATTRIB_REQUIRE_SERVICES") == "1"
+
+
+def _unexpected_skip(report: pytest.CollectReport | pytest.TestReport) -> str | None:
+    """The reason of a skip that is not allowed under ATTRIB_REQUIRE_SERVICES=1, else None."""
+    if not (REQUIRE_SERVICES and report.skipped) or hasattr(report, "wasxfail"):
+        return None
+    longrepr = report.longrepr
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+    return None if any(allowed in reason for allowed in SKIPS_ALLOWED) else reason
+
+
+def _fail_unexpected_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    reason = _unexpected_skip(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = (f"skipped under ATTRIB_REQUIRE_SERVICES=1 for a reason not in "
+                           f"tests/conftest.py SKIPS_ALLOWED: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    _fail_unexpected_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _fail_unexpected_skip(outcome.get_result())  # type: ignore[attr-defined]
 TINY_N = 8
 TINY_K = 4
 

@@ -12,7 +12,13 @@ from app.db import Database
 from app.deps import BodyCache, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
 from app.orm import Attribution, AttributionEntry, Generation, Owner, TrainingItem
 from app.routes.common import ERRORS, PNG, IdempotencyKey, PathId, Scale, png_response
-from app.routes.lookups import attributions_for, counterfactual_png, key_in_use, replay
+from app.routes.lookups import (
+    attributions_for,
+    check_attribute_limits,
+    counterfactual_png,
+    key_in_use,
+    replay,
+)
 from app.schemas import AttributeAccepted, AttributeCreate, AttributionPublic, EntryPublic
 from app.settings import Settings
 from app.writer import Tx
@@ -26,6 +32,7 @@ async def attribute(body: AttributeCreate, _: LimitedOperatorDep, writer: Writer
                     idempotency_key: IdempotencyKey = None) -> AttributeAccepted:
     """Ranks every training work by how much removing it would change the generation. The same
     request twice returns the same attribution (and its job, while it runs)."""
+    check_attribute_limits(body, settings)
     return await writer.run(lambda tx: _attribute(tx, body, settings, idempotency_key))
 
 

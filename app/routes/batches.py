@@ -13,9 +13,11 @@ from app.orm import Attribution, Batch, Job
 from app.routes.common import ERRORS, IdempotencyKey, PathId, check_limit
 from app.routes.lookups import (
     attributions_for,
+    check_attribute_limits,
     ensemble_for,
     generations_for,
     key_in_use,
+    replay,
     sampling_steps,
     verified_top_k,
 )
@@ -34,6 +36,10 @@ async def create_batch(body: BatchCreate, _: LimitedOperatorDep, writer: WriterD
     """Samples every seed (and attributes each sample when `attribute` is given); follow
     `GET /batches/{batch_id}` for progress over the whole batch."""
     check_limit("max_batch_seeds", body.num_seeds(), settings, "number of seeds")
+    if body.steps is not None:  # before any replay by Idempotency-Key, like every limit
+        check_limit("max_steps", body.steps, settings, "steps")
+    if body.attribute is not None:
+        check_attribute_limits(body.attribute, settings)
     seeds = body.seed_list()
     out, new_jobs = await writer.run(lambda tx: _create_batch(tx, body, seeds, settings, idempotency_key))
     # Publishing thousands of ids takes a while: after the response (the jobs are safe in the
@@ -47,13 +53,12 @@ def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Setting
                   idempotency_key: str | None) -> tuple[BatchAccepted, list[str]]:
     """The batch, and the ids of the jobs it created (none when replayed)."""
     s = tx.s
-    if idempotency_key is not None:
-        old = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
-        if old is not None and old.batch_id is not None:
-            ids = list(s.scalars(select(Job.id).where(Job.batch_id == old.batch_id)))
-            b = s.get(Batch, old.batch_id)
-            assert b is not None
-            return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids), []
+    old = replay(s, idempotency_key, "batch")
+    if old is not None and old.batch_id is not None:
+        ids = list(s.scalars(select(Job.id).where(Job.batch_id == old.batch_id)))
+        b = s.get(Batch, old.batch_id)
+        assert b is not None
+        return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids), []
     ens = ensemble_for(tx, body.ensemble_id)
     steps = sampling_steps(body.steps, ens, settings)
     options = body.attribute

@@ -26,6 +26,8 @@ async def generate(body: GenerateCreate, _: LimitedOperatorDep, writer: WriterDe
     """Creates one generation per seed and a job that samples them. Poll `GET /jobs/{job_id}`;
     the same (ensemble, seed, steps) always gives the same generation and the same bytes."""
     check_limit("max_seeds_per_request", body.num_seeds(), settings, "number of seeds")
+    if body.steps is not None:  # before any replay by Idempotency-Key, like every limit
+        check_limit("max_steps", body.steps, settings, "steps")
     seeds = body.seed_list()
     return await writer.run(lambda tx: _generate(tx, body, seeds, settings, idempotency_key))
 

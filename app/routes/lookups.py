@@ -54,13 +54,24 @@ def sampling_steps(requested: int | None, ens: EnsembleRow, settings: Settings) 
 
 
 def replay(s: Session, idempotency_key: str | None, kind: str) -> Job | None:
-    """The job an earlier request with this Idempotency-Key created (409 if of another kind)."""
+    """The job an earlier request with this Idempotency-Key created: ``kind`` is a job kind, or
+    "batch" for POST /batches (whose first job carries the batch's key). 409 if the key was
+    used for another kind of request."""
     if idempotency_key is None:
         return None
     job = s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
-    if job is not None and job.kind != kind:
-        raise HTTPException(409, f"Idempotency-Key {idempotency_key!r} was used for a {job.kind} request")
+    if job is None:
+        return None
+    used_for = "batch" if job.batch_id is not None else job.kind
+    if used_for != kind:
+        raise HTTPException(409, f"Idempotency-Key {idempotency_key!r} was used for a {used_for} request")
     return job
+
+
+def check_attribute_limits(options: AttributeOptions, settings: Settings) -> None:
+    """Before any replay by Idempotency-Key: a request past a limit is a 422 every time."""
+    check_limit("max_top_k", options.top_k, settings, "top_k")
+    check_limit("max_verify_top_k", options.verify_top_k, settings, "verify_top_k")
 
 
 @contextmanager
@@ -111,8 +122,7 @@ def attributions_for(s: Session, gens: Sequence[Row[Any] | Generation], options:
     """Get or create one attribution per generation with these options; (row, needs a job).
 
     A failed attribution asked for again is reset (a retry); one pending or running keeps its job."""
-    check_limit("max_top_k", options.top_k, settings, "top_k")
-    check_limit("max_verify_top_k", options.verify_top_k, settings, "verify_top_k")
+    check_attribute_limits(options, settings)
     key = dict(method=options.method, metric=options.metric, top_k=options.top_k,
                verify_top_k=verified_top_k(options))
     gen_ids = [g.id for g in gens]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from models.sampler import (
     exact_counterfactuals,
     full_weights,
     make_tape,
+    run_sampler,
     sample,
     sample_loop,
 )
@@ -203,3 +205,63 @@ def test_schedule_respacing() -> None:
         assert sigma == pytest.approx(beta**0.5 if t > 0 else 0.0)
     with pytest.raises(ValueError):
         sch.timesteps(21)
+
+
+# The DDPM posterior, computed here from the betas alone (numpy, float64), for any grid of
+# visited timesteps: the respaced sampler must be Ho et al.'s ancestral step on that grid.
+def ddpm_alpha_bar(T: int) -> np.ndarray:
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))
+
+
+def posterior_step(ab_t: float, ab_s: float, x_t: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mean and variance of q(x_s | x_t, x_0) at x_0 = the x_0 that eps predicts (s < t on the grid;
+    ab_s = 1 past the last step): Ho et al. eqs. (6)-(7) with beta = 1 - ab_t / ab_s."""
+    x0 = (x_t - np.sqrt(1 - ab_t) * eps) / np.sqrt(ab_t)
+    beta = 1 - ab_t / ab_s
+    mean = np.sqrt(ab_s) * beta / (1 - ab_t) * x0 + np.sqrt(1 - beta) * (1 - ab_s) / (1 - ab_t) * x_t
+    return mean, (1 - ab_s) / (1 - ab_t) * beta
+
+
+@pytest.mark.parametrize(("T", "steps", "grid"), [(20, 5, [19, 14, 10, 5, 0]), (20, 2, [19, 0]),
+                                                  (20, 20, list(range(19, -1, -1)))])
+def test_respaced_steps_are_the_ddpm_posterior_of_their_grid(T: int, steps: int, grid: list[int]) -> None:
+    sch = NoiseSchedule(T)
+    assert sch.timesteps(steps) == grid
+    ab = ddpm_alpha_bar(T)
+    rng = np.random.default_rng(0)
+    coefs = sch.sampling_coefficients(steps)
+    for j, (t, a, b, sigma) in enumerate(coefs):
+        assert t == grid[j]
+        ab_s = ab[grid[j + 1]] if j + 1 < len(grid) else 1.0
+        x_t, eps = rng.standard_normal(64), rng.standard_normal(64)
+        mean, var = posterior_step(ab[t], ab_s, x_t, eps)
+        np.testing.assert_allclose(a * (x_t - b * eps), mean, rtol=0, atol=1e-9)
+        # Ho's sigma^2 = beta of the step (the posterior's upper bound); none on the last step.
+        beta = 1 - ab[t] / ab_s
+        assert sigma**2 == pytest.approx(beta if j + 1 < len(grid) else 0.0, rel=1e-9, abs=1e-15)
+        assert var <= beta + 1e-15
+    if steps == T:  # the respaced step over the full grid is the plain DDPM step
+        for (t, a, b, sigma), beta in zip(coefs, np.linspace(1e-4, 0.02, T)[::-1], strict=True):
+            assert (a, b) == pytest.approx(((1 - beta) ** -0.5, beta / np.sqrt(1 - ab[t])), rel=1e-9)
+            assert sigma == pytest.approx(np.sqrt(beta) if t > 0 else 0.0, rel=1e-9)
+
+
+def test_respaced_sampler_follows_the_posterior() -> None:
+    """run_sampler over 4 of 20 steps, with a fixed (toy) noise predictor, against the ancestral
+    loop written from the posterior above, fed the same noise tape."""
+    T, grid = 20, [19, 13, 6, 0]
+    assert NoiseSchedule(T).timesteps(len(grid)) == grid
+    tape = make_tape([3, 4], SHAPE, len(grid))
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.3 * x + 0.01 * t.to(x.dtype) - 0.2
+
+    got = run_sampler(eps_fn, NoiseSchedule(T), tape, torch.device("cpu"), torch.float64)
+    ab = ddpm_alpha_bar(T)
+    x = tape.x_T.double().numpy()
+    for j, t in enumerate(grid):
+        ab_s = ab[grid[j + 1]] if j + 1 < len(grid) else 1.0
+        x, _ = posterior_step(ab[t], ab_s, x, 0.3 * x + 0.01 * t - 0.2)
+        if j + 1 < len(grid):
+            x = x + np.sqrt(1 - ab[t] / ab_s) * tape.z[j].double().numpy()
+    np.testing.assert_allclose(got.numpy(), np.clip(x, -1, 1), rtol=0, atol=1e-10)

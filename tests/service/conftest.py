@@ -5,6 +5,7 @@ broker. Jobs are run by calling the worker's ``execute_job`` directly (``run_job
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from sqlalchemy import select
 from app import migrate
 from app.auth import create_key
 from app.db import Database
+from app.deps import Clock
 from app.main import create_app
 from app.orm import Job, Owner
 from app.registry import import_dataset, register_ensemble
@@ -91,7 +93,8 @@ class Service:
 def make_service(template_db: Path, tmp_path: Path) -> Iterator[Callable[..., Service]]:
     made: list[Service] = []
 
-    def factory(**overrides: object) -> Service:
+    def factory(clock: Clock = time.monotonic, **overrides: object) -> Service:
+        """A service with these settings; ``clock`` times its caches and rate limits."""
         data = tmp_path / f"data{len(made)}"
         data.mkdir()
         shutil.copy(template_db, data / "attrib.db")
@@ -107,7 +110,7 @@ def make_service(template_db: Path, tmp_path: Path) -> Iterator[Callable[..., Se
             for o in s.scalars(select(Owner)):
                 _, keys[o.name] = create_key(s, o, "test")
                 ids[o.name] = o.id
-        client = TestClient(create_app(settings))
+        client = TestClient(create_app(settings, clock=clock))
         client.__enter__()
         svc = Service(client, settings, db, op_key, keys, ids, WorkerState(settings))
         made.append(svc)

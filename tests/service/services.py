@@ -1,9 +1,10 @@
-"""Real PostgreSQL and Redis for integration tests: skipped when absent, unless
-ATTRIB_REQUIRE_SERVICES=1 (CI), where absence is a failure."""
+"""Real PostgreSQL and Redis (and tools such as docker-compose) for integration tests: skipped
+when absent, unless ATTRIB_REQUIRE_SERVICES=1 (CI), where absence is a failure naming what is missing."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,18 @@ def require(name: str, host: str, port: int) -> None:
     if _reachable(host, port):
         return
     msg = f"{name} is not reachable at {host}:{port}"
+    if REQUIRED:
+        pytest.fail(f"{msg} (ATTRIB_REQUIRE_SERVICES=1)")
+    pytest.skip(msg)
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of the command ``name``; absent, a failure naming it under ATTRIB_REQUIRE_SERVICES=1
+    (CI installs it: a skip there would hide a test CI is meant to run), else a skip."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    msg = f"{name} is not installed ({install})"
     if REQUIRED:
         pytest.fail(f"{msg} (ATTRIB_REQUIRE_SERVICES=1)")
     pytest.skip(msg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -455,24 +454,23 @@ def test_rights_holder_finds_the_generation_under_influence(svc: Service) -> Non
 
 
 def test_influence_pages_are_reused_for_influence_cache_s(make_service: Callable[..., Service]) -> None:
-    ttl = 2.0
-    svc = make_service(influence_cache_s=ttl)
+    """On the app's clock, driven here: a page is reused until influence_cache_s has passed."""
+    now = 1000.0
+    svc = make_service(influence_cache_s=2.0, clock=lambda: now)
     gid = generate(svc, [12])["generation_ids"][0]
     first = attribute(svc, gid, top_k=5, verify_top_k=0)
-    svc.run_jobs()
+    assert set(svc.run_jobs()) == {"succeeded"}
     top = svc.client.get(f"/attributions/{first['attribution_id']}", headers=svc.op()).json()["entries"][0]
     url, me = f"/works/{top['training_item_id']}/influence", svc.owner(top["owner_name"])
-    cached_at = time.monotonic()
-    assert svc.client.get(url, headers=me).json()["total"] == 1
+    assert svc.client.get(url, headers=me).json()["total"] == 1  # cached at 1000.0
     attribute(svc, gid, top_k=4, verify_top_k=0)  # ranks the same work first again
-    svc.run_jobs()
-    stale = svc.client.get(url, headers=me).json()["total"]
-    if time.monotonic() - cached_at < 0.9 * ttl:  # (a very slow machine may be past the TTL)
-        assert stale == 1
+    assert set(svc.run_jobs()) == {"succeeded"}
+    now += 1.5
+    assert svc.client.get(url, headers=me).json()["total"] == 1  # the cached page
     stranger = next(o for o in OWNERS if o != top["owner_name"])
     assert svc.client.get(url, headers=svc.owner(stranger)).status_code == 404  # never from the cache
-    time.sleep(max(0.0, cached_at + ttl + 0.1 - time.monotonic()))
-    assert svc.client.get(url, headers=me).json()["total"] == 2
+    now += 0.5  # exactly influence_cache_s after it was cached
+    assert svc.client.get(url, headers=me).json()["total"] == 2  # expired: read anew
 
 
 # ----------------------------------------------------------------- jobs, idempotency

@@ -5,28 +5,24 @@ reservation for the optional GPU worker."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.service.services import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        if os.environ.get("ATTRIB_REQUIRE_SERVICES") == "1":
-            pytest.fail("docker-compose is not installed (apt-get install docker-compose)")
-        pytest.skip("docker-compose is not installed")
+    exe = require_tool("docker-compose", "apt-get install docker-compose")
     return subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=60, cwd=ROOT)
+                          text=True, env=env if env is not None else dict(os.environ), timeout=60, cwd=ROOT)
 
 
 def test_compose_file_is_valid_and_complete() -> None:
-    r = compose("--profile", "gpu", "config", env={"ATTRIB_OPERATOR_KEY": "k"})
+    r = compose("--profile", "gpu", "config", env={**os.environ, "ATTRIB_OPERATOR_KEY": "k"})
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     svc = cfg["services"]
@@ -46,7 +42,8 @@ def test_compose_file_is_valid_and_complete() -> None:
     for name, queue in (("worker", "interactive"), ("worker-long", "long"), ("worker-gpu", "interactive")):
         cmd = svc[name]["command"]
         assert cmd[:2] == ["attrib", "worker"] and cmd[cmd.index("--queues") + 1] == queue, name
-        assert f"-d {queue}@$HOSTNAME" in svc[name]["healthcheck"]["test"][1], name
+        # `config` prints the file's own escape ($$: a literal $ for the container's shell)
+        assert f"-d {queue}@$HOSTNAME" in svc[name]["healthcheck"]["test"][1].replace("$$", "$"), name
         assert svc[name]["stop_grace_period"] in ("30s", 30, "30"), name
     devices = svc["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
@@ -56,9 +53,5 @@ def test_compose_file_is_valid_and_complete() -> None:
 
 def test_compose_refuses_to_start_without_an_operator_key() -> None:
     env = {k: v for k, v in os.environ.items() if k != "ATTRIB_OPERATOR_KEY"}
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip("docker-compose is not installed")
-    r = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True,
-                       text=True, env=env, timeout=60, cwd=ROOT)
+    r = compose("config", "-q", env=env)
     assert r.returncode != 0 and "ATTRIB_OPERATOR_KEY" in r.stderr

@@ -132,23 +132,37 @@ def test_writing_routes_answer_404_without_writing(svc: Service, path: str) -> N
 
 
 def test_read_pool_bounds_the_threads_and_returns_in_order() -> None:
+    """12 reads that block until released: once every one is either running or queued at the
+    pool's limiter, exactly 3 run (no timing: the reads wait for the test, not for a sleep)."""
     pool = ReadPool(3)
-    running, most = 0, 0
+    running = 0
     lock = threading.Lock()
+    release = threading.Event()
 
     def read(i: int) -> int:
-        nonlocal running, most
+        nonlocal running
         with lock:
             running += 1
-            most = max(most, running)
-        time.sleep(0.02)
+        assert release.wait(timeout=30), "never released"
         with lock:
             running -= 1
         return i * i
 
     async def go() -> list[int]:
-        return await asyncio.gather(*(pool.run(read, i) for i in range(12)))
+        reads = asyncio.gather(*(pool.run(read, i) for i in range(12)))
+        deadline = time.monotonic() + 30
+        while True:  # until all 12 are accounted for: running, or waiting for a thread
+            await asyncio.sleep(0.001)
+            limiter = pool._limiter  # private: only the limiter knows how many wait for it
+            stats = limiter.statistics() if limiter is not None else None
+            if stats is not None and stats.tasks_waiting + running == 12 and running == stats.borrowed_tokens:
+                break
+            assert time.monotonic() < deadline, (running, stats)
+        with lock:
+            assert running == 3
+        release.set()
+        return await reads
 
     assert asyncio.run(go()) == [i * i for i in range(12)]
-    assert most == 3
-    assert asyncio.run(go()) == [i * i for i in range(12)]  # a new event loop: a new limiter
+    release.clear()
+    assert asyncio.run(go()) == [i * i for i in range(12)]  # a new event loop: a new limiter, the same bound
