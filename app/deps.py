@@ -8,7 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import anyio
 from celery import Celery
@@ -22,6 +22,7 @@ from app.settings import Settings
 from app.writer import Writer
 
 T = TypeVar("T")
+V = TypeVar("V")
 Clock = Callable[[], float]
 """Seconds on a monotonic scale: ``time.monotonic``, or a test's own clock (no sleeping)."""
 
@@ -71,28 +72,35 @@ class ReadPool:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
 
-class BodyCache:
-    """Response bodies by key for ``ttl`` seconds (math.inf: until evicted), at most ``size``,
-    least recently used dropped first. Used from the event loop only (no lock)."""
+class TTLCache(Generic[V]):
+    """Values by key for ``ttl`` seconds (math.inf: until evicted), at most ``size``, least
+    recently used dropped first. Used from the event loop only (no lock)."""
 
     def __init__(self, ttl: float, size: int = 10_000, clock: Clock = time.monotonic) -> None:
         self.ttl, self.size, self.clock = ttl, size, clock
-        self._items: OrderedDict[Hashable, tuple[float, bytes]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[float, V]] = OrderedDict()
 
-    def get(self, key: Hashable) -> bytes | None:
+    def get(self, key: Hashable) -> V | None:
         hit = self._items.get(key)
         if hit is None or hit[0] <= self.clock():
             return None
         self._items.move_to_end(key)
         return hit[1]
 
-    def put(self, key: Hashable, body: bytes) -> None:
+    def put(self, key: Hashable, value: V) -> None:
         if self.ttl <= 0:
             return
-        self._items[key] = (self.clock() + self.ttl, body)
+        self._items[key] = (self.clock() + self.ttl, value)
         self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
+
+    def discard(self, key: Hashable) -> None:
+        self._items.pop(key, None)
+
+
+BodyCache = TTLCache[bytes]
+"""Response bodies (JSON or HTML) by key."""
 
 
 async def get_reads(request: Request) -> ReadPool:

@@ -33,7 +33,7 @@ from starlette.routing import compile_path
 
 from app import jobs
 from app.db import Database
-from app.deps import BodyCache, Clock, KeyCache, RateLimiter, ReadPool
+from app.deps import BodyCache, Clock, KeyCache, RateLimiter, ReadPool, TTLCache
 from app.orm import Job
 from app.queue import make_celery
 from app.routes import attributions, batches, generations, health, shares, validations, works
@@ -41,6 +41,7 @@ from app.routes import jobs as jobs_routes
 from app.schemas import ErrorPublic
 from app.settings import Settings, get_settings
 from app.web import routes as web
+from app.web.sessions import WebUser
 from app.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -354,6 +355,10 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.writer = Writer(app.state.db, app.state.celery, on_commit=metrics.committed)
     app.state.reads = ReadPool(settings.read_threads)
     app.state.influence_cache = BodyCache(settings.influence_cache_s, clock=clock)
+    # the pages' sessions (revocation and expiry seen within auth_cache_s, as for API keys) and a
+    # holder's pages per session and URL (reused like an influence page)
+    app.state.web_sessions = TTLCache[WebUser](settings.auth_cache_s, clock=clock)
+    app.state.web_pages = BodyCache(settings.influence_cache_s, clock=clock)
 
 
     @app.exception_handler(OperationalError)

@@ -9,7 +9,7 @@ routes' functions, so both say the same thing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -22,7 +22,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import shares
+from app.auth import hash_key
 from app.db import Database
+from app.deps import BodyCache, TTLCache
 from app.orm import Attribution, Image, Job, TrainingItem
 from app.routes import generations, validations, works
 from app.routes import shares as share_routes
@@ -98,10 +100,30 @@ async def _with_session(request: Request, fn: Callable[[Session], T]) -> T:
 
 async def web_user(request: Request) -> WebUser:
     token = request.cookies.get(sessions.COOKIE)
-    user = await request.app.state.reads.run(sessions.current, request.app.state.db, token) if token else None
-    if user is None:
+    if not token:
         raise SignInRequired
+    cache: TTLCache[WebUser] = request.app.state.web_sessions
+    user = cache.get(hash_key(token))
+    if user is None:
+        user = await request.app.state.reads.run(sessions.current, request.app.state.db, token)
+        if user is None:
+            raise SignInRequired
+        cache.put(hash_key(token), user)
     return user
+
+
+async def cached_page(request: Request, build: Callable[[], Awaitable[Response]]) -> Response:
+    """A holder's page as ``build`` renders it, reused for ``influence_cache_s`` per session and
+    URL (as GET /works/{id}/influence is): a new attribution shows up within that time."""
+    cache: BodyCache = request.app.state.web_pages
+    key = (hash_key(request.cookies.get(sessions.COOKIE, "")), request.url.path, request.url.query)
+    body = cache.get(key)
+    if body is not None:
+        return secured(HTMLResponse(body))
+    resp = await build()
+    if resp.status_code == 200:
+        cache.put(key, bytes(resp.body))
+    return resp
 
 
 async def holder(user: Annotated[WebUser, Depends(web_user)]) -> WebUser:
@@ -205,8 +227,10 @@ async def sign_in(request: Request, key: Annotated[str, Form(max_length=500)] = 
 async def sign_out(request: Request, user: Annotated[WebUser, Depends(web_user)],
                    csrf_token: Annotated[str, Form(max_length=200)] = "") -> Response:
     check_form(user, csrf_token)
-    await request.app.state.reads.run(sessions.sign_out, request.app.state.db,
-                                      request.cookies.get(sessions.COOKIE))
+    token = request.cookies.get(sessions.COOKIE)
+    await request.app.state.reads.run(sessions.sign_out, request.app.state.db, token)
+    # this process forgets the session at once, the others within auth_cache_s
+    request.app.state.web_sessions.discard(hash_key(token or ""))
     resp = RedirectResponse("/web/sign-in?signed_out", 303)
     resp.delete_cookie(sessions.COOKIE, path="/web")
     return secured(resp)
@@ -226,10 +250,14 @@ def _gallery(db: Database, owner_id: int, number: int) -> tuple[list[TrainingIte
 
 @router.get("/works")
 async def gallery(request: Request, user: HolderUser, page: str | None = None) -> Response:
-    assert user.principal.owner_id is not None
-    items, pager = await _read(request, _gallery, request.app.state.db, user.principal.owner_id,
-                               page_number(page))
-    return render(request, "gallery.html", user, works=items, pager=pager)
+    owner_id = user.principal.owner_id
+    assert owner_id is not None
+
+    async def build() -> Response:
+        items, pager = await _read(request, _gallery, request.app.state.db, owner_id, page_number(page))
+        return render(request, "gallery.html", user, works=items, pager=pager)
+
+    return await cached_page(request, build)
 
 
 def _work(db: Database, user: WebUser, work_id: int, number: int) -> dict[str, Any]:
@@ -247,8 +275,12 @@ def _work(db: Database, user: WebUser, work_id: int, number: int) -> dict[str, A
 
 @router.get("/works/{work_id}")
 async def work_page(request: Request, work_id: str, user: HolderUser, page: str | None = None) -> Response:
-    context = await _read(request, _work, request.app.state.db, user, object_id(work_id), page_number(page))
-    return render(request, "work.html", user, **context)
+    async def build() -> Response:
+        context = await _read(request, _work, request.app.state.db, user, object_id(work_id),
+                              page_number(page))
+        return render(request, "work.html", user, **context)
+
+    return await cached_page(request, build)
 
 
 @router.get("/works/{work_id}/image.png")
@@ -278,9 +310,14 @@ def _shares(db: Database, owner_id: int, number: int) -> dict[str, Any]:
 
 @router.get("/shares")
 async def shares_page(request: Request, user: HolderUser, page: str | None = None) -> Response:
-    assert user.principal.owner_id is not None
-    context = await _read(request, _shares, request.app.state.db, user.principal.owner_id, page_number(page))
-    return render(request, "shares.html", user, chart=share_chart(context["days"], user.name), **context)
+    owner_id = user.principal.owner_id
+    assert owner_id is not None
+
+    async def build() -> Response:
+        context = await _read(request, _shares, request.app.state.db, owner_id, page_number(page))
+        return render(request, "shares.html", user, chart=share_chart(context["days"], user.name), **context)
+
+    return await cached_page(request, build)
 
 
 # ------------------------------------------------------------------------------ operators

@@ -5,6 +5,7 @@ anything not the holder's, expiry and revocation, operator pages, security heade
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from sqlalchemy import select, update
 
@@ -131,3 +132,30 @@ def test_docs_are_served_by_the_app(svc: Service) -> None:
         assert svc.client.get(asset).status_code == 200, asset
     assert svc.client.get("/redoc").status_code == 404
     assert not [p for p in svc.client.get("/openapi.json").json()["paths"] if p.startswith(("/web", "/docs"))]
+
+
+def test_sessions_and_holder_pages_are_reused_for_their_cache_times(
+        make_service: Callable[..., Service]) -> None:
+    """On the app's clock, driven here: a session is looked up once per auth_cache_s (expiry and
+    revocation are seen after it, sign-out in this process at once), and a holder's page is
+    rendered once per influence_cache_s for that session and URL."""
+    now = 1000.0
+    svc = make_service(auth_cache_s=2.0, influence_cache_s=2.0, clock=lambda: now)
+    c = svc.client
+    sign_in(c, svc.owner_keys["alice"])
+    before = c.get("/web/works").text
+    attribute_seeds(svc, [5], top_k=20, verify_top_k=0)
+    with svc.db.session() as s:  # a work of alice's renamed: the cached gallery does not show it yet
+        item = s.scalar(select(TrainingItem).where(TrainingItem.owner_id == svc.owner_ids["alice"])
+                        .order_by(TrainingItem.id))
+        assert item is not None
+        item.external_ref = "renamed-work"
+        s.execute(update(WebSession).values(expires_at=WebSession.created_at))  # and the session expired
+    assert c.get("/web/works").text == before
+    now += 2.5
+    assert c.get("/web/works", follow_redirects=False).headers["location"] == "/web/sign-in"
+    sign_in(c, svc.owner_keys["alice"])
+    assert "renamed-work" in c.get("/web/works").text
+    token = csrf_of(c.get("/web/works").text)
+    assert c.post("/web/sign-out", data={"csrf_token": token}, follow_redirects=False).status_code == 303
+    assert c.get("/web/works", follow_redirects=False).status_code == 303  # at once, within the TTL
