@@ -14,10 +14,12 @@ import anyio
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, hash_key
 from app.db import MAX_SESSIONS, Database
+from app.orm import OptOut
 from app.settings import Settings
 from app.writer import Writer
 
@@ -91,6 +93,27 @@ class BodyCache:
         self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
+
+
+class Withdrawals:
+    """How many works are withdrawn (opt-outs), re-read at most every ``ttl`` seconds per API
+    process: part of the key of a cached ranking, whose entries mark withdrawn works (so a
+    withdrawal shows in rankings within ``ttl``)."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._read_at = -math.inf
+        self._count = 0
+
+    def fresh(self) -> int | None:
+        """The count, if read within ``ttl``."""
+        return self._count if time.monotonic() - self._read_at < self.ttl else None
+
+    def read(self, db: Database) -> int:
+        with db.session() as s:
+            count = s.scalar(select(func.count()).select_from(OptOut)) or 0
+        self._count, self._read_at = count, time.monotonic()
+        return count
 
 
 async def get_reads(request: Request) -> ReadPool:

@@ -31,10 +31,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import jobs
 from app.db import Database
-from app.deps import BodyCache, KeyCache, RateLimiter, ReadPool
+from app.deps import BodyCache, KeyCache, RateLimiter, ReadPool, Withdrawals
 from app.orm import Job
 from app.queue import make_celery
-from app.routes import attributions, batches, generations, health, validations, works
+from app.routes import attributions, batches, generations, health, opt_outs, validations, works
 from app.routes import jobs as jobs_routes
 from app.settings import Settings, get_settings
 from app.writer import Writer
@@ -271,7 +271,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.celery = celery or make_celery(settings)
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-    app.state.ranking_cache = BodyCache(math.inf, size=2048)  # a finished ranking never changes
+    app.state.ranking_cache = BodyCache(math.inf, size=2048)  # a finished ranking never changes ...
+    app.state.withdrawals = Withdrawals(settings.influence_cache_s)  # ... but for its withdrawal marks
     app.state.metrics = metrics = Metrics(app.state.db)
     app.state.writer = Writer(app.state.db, app.state.celery, on_commit=metrics.committed)
     app.state.reads = ReadPool(settings.read_threads)
@@ -286,7 +287,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         return JSONResponse({"detail": "database unavailable; retry later"}, status_code=503,
                             headers={"Retry-After": "5"})
 
-    for resource in (generations, attributions, jobs_routes, batches, validations, works, health):
+    for resource in (generations, attributions, jobs_routes, batches, validations, works, opt_outs, health):
         app.include_router(resource.router)
     _document_limits(app, settings)
 
