@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
 from PIL import Image as PILImage
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.orm import Dataset, EnsembleRow, Image, Owner, SourceCode, TrainingItem

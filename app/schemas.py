@@ -259,7 +259,8 @@ class WorkPublic(BaseModel):
     label: int | None = Field(description="the work's class label, if the dataset has labels")
     sha256: str = Field(description="SHA-256 of the work's pixels (uint8 C,H,W)")
     image_url: str = Field(description="the work's image (PNG)")
-    opt_out: OptOutPublic | None = Field(None, description="its opt-out (POST /works/{id}/opt-out), if withdrawn")
+    opt_out: OptOutPublic | None = Field(None, description="its opt-out (POST /works/{id}/opt-out), if "
+                                         "withdrawn")
 
 
 class _Page(BaseModel):

@@ -33,6 +33,7 @@ from app.registry import RegistryError, stored_dataset
 from app.schemas import OptOutEnsemblePublic, OptOutPublic
 from models.codes import mask_bits, member_manifests
 from models.ensemble import Ensemble
+from models.train import TrainConfig
 from models.unlearn import plan_retrain, retrain, retrain_config
 
 log = logging.getLogger(__name__)
@@ -55,42 +56,72 @@ class PlanChanged(Exception):
 # --------------------------------------------------------------------------- versions
 def head_of(s: Session, lineage_id: int) -> EnsembleRow | None:
     """The version of the lineage that serves now (status ready), if any."""
-    return s.scalar(select(EnsembleRow).where(EnsembleRow.lineage_id == lineage_id, EnsembleRow.status == "ready")
-                    .order_by(EnsembleRow.id.desc()))
+    return s.scalar(
+        select(EnsembleRow)
+        .where(EnsembleRow.lineage_id == lineage_id, EnsembleRow.status == "ready")
+        .order_by(EnsembleRow.id.desc())
+    )
 
 
 def _supersede(s: Session, version_id: int) -> bool:
     """Take a lineage over from ``version_id``: ready -> superseded, if it still is ready."""
-    res = s.execute(update(EnsembleRow).where(EnsembleRow.id == version_id, EnsembleRow.status == "ready")
-                    .values(status="superseded"))
+    res = s.execute(
+        update(EnsembleRow)
+        .where(EnsembleRow.id == version_id, EnsembleRow.status == "ready")
+        .values(status="superseded")
+    )
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 _COPY_CODES = insert(cast(Table, SourceCode.__table__))
 
 
-def _new_version(s: Session, parent: EnsembleRow, *, served: int, withdrawn: list[int], checkpoint: str,
-                 manifests: list[str] | None) -> EnsembleRow:
+def _new_version(
+    s: Session,
+    parent: EnsembleRow,
+    *,
+    served: int,
+    withdrawn: list[int],
+    checkpoint: str,
+    manifests: list[str] | None,
+) -> EnsembleRow:
     """The next version of ``parent``'s lineage (ready), with the parent's codes (one INSERT ...
     SELECT: codes belong to the code book, which a retrain does not change)."""
     assert parent.lineage_id is not None
     root = s.get(EnsembleRow, parent.lineage_id)
     number = (s.scalar(select(func.count()).where(EnsembleRow.lineage_id == parent.lineage_id)) or 0) + 1
-    row = EnsembleRow(name=f"{root.name if root else parent.name}~v{number}", dataset_id=parent.dataset_id,
-                      n=parent.n, k=parent.k, T=parent.T, config=parent.config, granularity=parent.granularity,
-                      checkpoint=checkpoint, status="ready", lineage_id=parent.lineage_id, parent_id=parent.id,
-                      served_members=served, withdrawn=withdrawn, manifests=manifests)
+    row = EnsembleRow(
+        name=f"{root.name if root else parent.name}~v{number}",
+        dataset_id=parent.dataset_id,
+        n=parent.n,
+        k=parent.k,
+        T=parent.T,
+        config=parent.config,
+        granularity=parent.granularity,
+        checkpoint=checkpoint,
+        status="ready",
+        lineage_id=parent.lineage_id,
+        parent_id=parent.id,
+        served_members=served,
+        withdrawn=withdrawn,
+        manifests=manifests,
+    )
     s.add(row)
     s.flush()
     columns = (SourceCode.source_index, SourceCode.source_key, SourceCode.training_item_id, SourceCode.code)
-    s.execute(_COPY_CODES.from_select(
-        ["ensemble_id", "source_index", "source_key", "training_item_id", "code"],
-        select(literal(row.id), *columns).where(SourceCode.ensemble_id == parent.id)))
+    s.execute(
+        _COPY_CODES.from_select(
+            ["ensemble_id", "source_index", "source_key", "training_item_id", "code"],
+            select(literal(row.id), *columns).where(SourceCode.ensemble_id == parent.id),
+        )
+    )
     return row
 
 
 # ---------------------------------------------------------------------------- opt out
-def opt_out_work(s: Session, work_id: int, owner_id: int | None, reason: str) -> tuple[OptOut, bool, list[str]]:
+def opt_out_work(
+    s: Session, work_id: int, owner_id: int | None, reason: str
+) -> tuple[OptOut, bool, list[str]]:
     """Withdraw a work, in the caller's transaction: (the opt-out, whether it is new, ids of the
     retrain jobs created, to publish once committed). ``owner_id``: the rights holder asking (their
     own works only: another's is 404, like a missing one), or None for an operator. Asking again
@@ -107,10 +138,16 @@ def opt_out_work(s: Session, work_id: int, owner_id: int | None, reason: str) ->
     created: list[str] = []
     masked: set[int] = set()  # lineages
     for _ in range(3):  # a head taken over meanwhile (a retrain finishing): read the heads again
-        heads = [h for h in s.scalars(select(EnsembleRow).join(SourceCode, SourceCode.ensemble_id == EnsembleRow.id)
-                                      .where(SourceCode.training_item_id == work_id, EnsembleRow.status == "ready")
-                                      .order_by(EnsembleRow.id))
-                 if h.lineage_id not in masked]
+        heads = [
+            h
+            for h in s.scalars(
+                select(EnsembleRow)
+                .join(SourceCode, SourceCode.ensemble_id == EnsembleRow.id)
+                .where(SourceCode.training_item_id == work_id, EnsembleRow.status == "ready")
+                .order_by(EnsembleRow.id)
+            )
+            if h.lineage_id not in masked
+        ]
         if not heads:
             return opt, True, created
         masked.update(h.lineage_id for h in heads if h.lineage_id is not None and _mask(s, opt, h, created))
@@ -119,33 +156,56 @@ def opt_out_work(s: Session, work_id: int, owner_id: int | None, reason: str) ->
 
 def _mask(s: Session, opt: OptOut, head: EnsembleRow, created: list[str]) -> bool:
     """Supersede ``head`` by a version without the work's members; False if it was taken over."""
-    code = s.scalar(select(SourceCode.code).where(SourceCode.ensemble_id == head.id,
-                                                   SourceCode.training_item_id == opt.training_item_id))
+    code = s.scalar(
+        select(SourceCode.code).where(
+            SourceCode.ensemble_id == head.id, SourceCode.training_item_id == opt.training_item_id
+        )
+    )
     assert code is not None and head.lineage_id is not None
     if not _supersede(s, head.id):
         return False
-    masked = _new_version(s, head, served=head.served_members & ~int(code),
-                          withdrawn=[*head.withdrawn, opt.training_item_id], checkpoint=head.checkpoint,
-                          manifests=head.manifests)
+    masked = _new_version(
+        s,
+        head,
+        served=head.served_members & ~int(code),
+        withdrawn=[*head.withdrawn, opt.training_item_id],
+        checkpoint=head.checkpoint,
+        manifests=head.manifests,
+    )
     # Opt-outs that hit the same lineage share its retrain: one queued or running picks this
     # one up (a running one notices the new version at its next saved state and plans again).
-    job_id = s.scalar(select(OptOutEffect.job_id).join(Job, Job.id == OptOutEffect.job_id)
-                      .where(OptOutEffect.lineage_id == head.lineage_id, Job.status.in_(("queued", "running")))
-                      .limit(1))
+    job_id = s.scalar(
+        select(OptOutEffect.job_id)
+        .join(Job, Job.id == OptOutEffect.job_id)
+        .where(OptOutEffect.lineage_id == head.lineage_id, Job.status.in_(("queued", "running")))
+        .limit(1)
+    )
     if job_id is None:
         job_id = jobs.new_job(s, "retrain", {"lineage_id": head.lineage_id})
         created.append(job_id)
-    s.add(OptOutEffect(opt_out_id=opt.id, lineage_id=head.lineage_id, trained_version_id=head.id,
-                       members=int(code), masked_version_id=masked.id, job_id=job_id, state="masked"))
+    s.add(
+        OptOutEffect(
+            opt_out_id=opt.id,
+            lineage_id=head.lineage_id,
+            trained_version_id=head.id,
+            members=int(code),
+            masked_version_id=masked.id,
+            job_id=job_id,
+            state="masked",
+        )
+    )
     s.flush()
     return True
 
 
 def retrain_in_progress(s: Session, version: EnsembleRow) -> str | None:
     """The retrain job of a version's lineage that is queued or running, if any."""
-    return s.scalar(select(Job.id).join(OptOutEffect, OptOutEffect.job_id == Job.id)
-                    .where(OptOutEffect.lineage_id == version.lineage_id, Job.status.in_(("queued", "running")))
-                    .limit(1))
+    return s.scalar(
+        select(Job.id)
+        .join(OptOutEffect, OptOutEffect.job_id == Job.id)
+        .where(OptOutEffect.lineage_id == version.lineage_id, Job.status.in_(("queued", "running")))
+        .limit(1)
+    )
 
 
 # ---------------------------------------------------------------------------- retrain
@@ -158,8 +218,14 @@ class RetrainOptions:
     checkpoint_every: int
 
 
-def retrain_lineage(db: Database, lineage_id: int, options: RetrainOptions, *, job_id: str | None = None,
-                    progress: Progress | None = None) -> dict[str, Any]:
+def retrain_lineage(
+    db: Database,
+    lineage_id: int,
+    options: RetrainOptions,
+    *,
+    job_id: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Retrain the members the serving version of ``lineage_id`` dropped, from scratch on their
     splits without every work withdrawn from it, register the result as the next version (every
     member served, manifests recorded) and mark those opt-outs restored; with ``job_id``, finish
@@ -179,18 +245,35 @@ def retrain_lineage(db: Database, lineage_id: int, options: RetrainOptions, *, j
                     jobs.finish(s, job_id, result)
                 return result
             served, dataset_id = head.served_members, head.dataset_id
-            sources = list(s.scalars(select(SourceCode.source_index).where(
-                SourceCode.ensemble_id == head_id, SourceCode.training_item_id.in_(withdrawn))))
+            sources = list(
+                s.scalars(
+                    select(SourceCode.source_index).where(
+                        SourceCode.ensemble_id == head_id, SourceCode.training_item_id.in_(withdrawn)
+                    )
+                )
+            )
             try:
                 data = stored_dataset(s, dataset_id)
             except RegistryError as exc:
                 raise OptOutError(409, str(exc)) from exc
-            shas = list(s.scalars(select(TrainingItem.sha256).where(TrainingItem.dataset_id == dataset_id)
-                                  .order_by(TrainingItem.index)))
-            s.execute(update(OptOutEffect).where(
-                OptOutEffect.lineage_id == lineage_id, OptOutEffect.state == "masked",
-                OptOutEffect.opt_out_id.in_(select(OptOut.id).where(OptOut.training_item_id.in_(withdrawn))))
-                .values(state="retraining"))
+            shas = list(
+                s.scalars(
+                    select(TrainingItem.sha256)
+                    .where(TrainingItem.dataset_id == dataset_id)
+                    .order_by(TrainingItem.index)
+                )
+            )
+            s.execute(
+                update(OptOutEffect)
+                .where(
+                    OptOutEffect.lineage_id == lineage_id,
+                    OptOutEffect.state == "masked",
+                    OptOutEffect.opt_out_id.in_(
+                        select(OptOut.id).where(OptOut.training_item_id.in_(withdrawn))
+                    ),
+                )
+                .values(state="retraining")
+            )
         try:
             ens = Ensemble.load(checkpoint, options.device)
         except (FileNotFoundError, ValueError) as exc:
@@ -200,15 +283,18 @@ def retrain_lineage(db: Database, lineage_id: int, options: RetrainOptions, *, j
         plan = plan_retrain(ens.codebook, sources)
         dropped = full & ~served
         if sum(1 << i for i in plan.members) != dropped:
-            raise OptOutError(409, f"ensemble {head_id} drops members {dropped:#x}, but its withdrawn works "
-                                   f"hit {sum(1 << i for i in plan.members):#x}")
+            raise OptOutError(
+                409,
+                f"ensemble {head_id} drops members {dropped:#x}, but its withdrawn works "
+                f"hit {sum(1 << i for i in plan.members):#x}",
+            )
         try:
             cfg = retrain_config(ens, options.checkpoint_every)
         except ValueError as exc:
             raise OptOutError(409, f"ensemble {head_id}: {exc}") from exc
         state_path = options.checkpoint_dir / f"retrain-{lineage_id}-{head_id}.state.pt"
 
-        def on_step(step: int, losses: torch.Tensor, head_id: int = head_id) -> None:
+        def on_step(step: int, losses: torch.Tensor, head_id: int = head_id, cfg: TrainConfig = cfg) -> None:
             if progress is not None and (step % 10 == 0 or step == cfg.steps):
                 progress(0.95 * step / cfg.steps)
             if step % cfg.checkpoint_every == 0 and not _still_serving(db, head_id):
@@ -228,12 +314,25 @@ def retrain_lineage(db: Database, lineage_id: int, options: RetrainOptions, *, j
             assert parent is not None
             registered = _supersede(s, head_id)
             if registered:
-                version = _new_version(s, parent, served=full, withdrawn=withdrawn, checkpoint=str(out.resolve()),
-                                       manifests=manifests)
-                s.execute(update(OptOutEffect).where(
-                    OptOutEffect.lineage_id == lineage_id, OptOutEffect.state != "restored",
-                    OptOutEffect.opt_out_id.in_(select(OptOut.id).where(OptOut.training_item_id.in_(withdrawn))))
-                    .values(state="restored", restored_version_id=version.id, restored_at=utcnow()))
+                version = _new_version(
+                    s,
+                    parent,
+                    served=full,
+                    withdrawn=withdrawn,
+                    checkpoint=str(out.resolve()),
+                    manifests=manifests,
+                )
+                s.execute(
+                    update(OptOutEffect)
+                    .where(
+                        OptOutEffect.lineage_id == lineage_id,
+                        OptOutEffect.state != "restored",
+                        OptOutEffect.opt_out_id.in_(
+                            select(OptOut.id).where(OptOut.training_item_id.in_(withdrawn))
+                        ),
+                    )
+                    .values(state="restored", restored_version_id=version.id, restored_at=utcnow())
+                )
                 result = _result(lineage_id, head_id, version.id, list(plan.members), withdrawn)
                 if job_id is not None:
                     jobs.finish(s, job_id, result)
@@ -248,10 +347,16 @@ def _still_serving(db: Database, version_id: int) -> bool:
         return s.scalar(select(EnsembleRow.status).where(EnsembleRow.id == version_id)) == "ready"
 
 
-def _result(lineage_id: int, parent_id: int, version_id: int, members: list[int],
-            withdrawn: list[int]) -> dict[str, Any]:
-    return {"lineage_id": lineage_id, "parent_id": parent_id, "ensemble_id": version_id,
-            "retrained_members": members, "withdrawn_works": withdrawn}
+def _result(
+    lineage_id: int, parent_id: int, version_id: int, members: list[int], withdrawn: list[int]
+) -> dict[str, Any]:
+    return {
+        "lineage_id": lineage_id,
+        "parent_id": parent_id,
+        "ensemble_id": version_id,
+        "retrained_members": members,
+        "withdrawn_works": withdrawn,
+    }
 
 
 def served_list(mask: int, n: int) -> list[int]:
@@ -261,27 +366,46 @@ def served_list(mask: int, n: int) -> list[int]:
 
 def opt_outs_public(s: Session, work_ids: Sequence[int]) -> dict[int, OptOutPublic]:
     """The opt-outs of these works, by work id (works not withdrawn are absent)."""
-    opts = {o.id: o for lo in range(0, len(work_ids), _CHUNK) for o in s.scalars(
-        select(OptOut).where(OptOut.training_item_id.in_(work_ids[lo : lo + _CHUNK])))}
+    opts = {
+        o.id: o
+        for lo in range(0, len(work_ids), _CHUNK)
+        for o in s.scalars(select(OptOut).where(OptOut.training_item_id.in_(work_ids[lo : lo + _CHUNK])))
+    }
     effects: dict[int, list[OptOutEnsemblePublic]] = {i: [] for i in opts}
     order = {"masked": 0, "retraining": 1, "restored": 2}
     ids = list(opts)
     for lo in range(0, len(ids), _CHUNK):
-        rows = s.execute(select(OptOutEffect, EnsembleRow.n).join(EnsembleRow, EnsembleRow.id ==
-                                                                   OptOutEffect.trained_version_id)
-                         .where(OptOutEffect.opt_out_id.in_(ids[lo : lo + _CHUNK])).order_by(OptOutEffect.id)).all()
+        rows = s.execute(
+            select(OptOutEffect, EnsembleRow.n)
+            .join(EnsembleRow, EnsembleRow.id == OptOutEffect.trained_version_id)
+            .where(OptOutEffect.opt_out_id.in_(ids[lo : lo + _CHUNK]))
+            .order_by(OptOutEffect.id)
+        ).all()
         for e, n in rows:
             head = head_of(s, e.lineage_id)
-            effects[e.opt_out_id].append(OptOutEnsemblePublic(
-                lineage_id=e.lineage_id, state=e.state, members=served_list(e.members, n),  # type: ignore[arg-type]
-                trained_version_id=e.trained_version_id, masked_version_id=e.masked_version_id,
-                restored_version_id=e.restored_version_id, serving_version_id=head.id if head else None,
-                retrain_job_id=e.job_id, restored_at=e.restored_at))
+            effects[e.opt_out_id].append(
+                OptOutEnsemblePublic(
+                    lineage_id=e.lineage_id,
+                    state=e.state,
+                    members=served_list(e.members, n),  # type: ignore[arg-type]
+                    trained_version_id=e.trained_version_id,
+                    masked_version_id=e.masked_version_id,
+                    restored_version_id=e.restored_version_id,
+                    serving_version_id=head.id if head else None,
+                    retrain_job_id=e.job_id,
+                    restored_at=e.restored_at,
+                )
+            )
     out = {}
     for i, o in opts.items():
         states = [e.state for e in effects[i]]
         out[o.training_item_id] = OptOutPublic(
-            id=o.id, work_id=o.training_item_id, state=min(states, key=order.__getitem__, default="restored"),  # type: ignore[arg-type]
-            reason=o.reason, requested_by="operator" if o.owner_id is None else "holder", created_at=o.created_at,
-            ensembles=effects[i])
+            id=o.id,
+            work_id=o.training_item_id,
+            state=min(states, key=order.__getitem__, default="restored"),  # type: ignore[arg-type]
+            reason=o.reason,
+            requested_by="operator" if o.owner_id is None else "holder",
+            created_at=o.created_at,
+            ensembles=effects[i],
+        )
     return out

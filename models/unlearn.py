@@ -74,14 +74,28 @@ def retrain_config(ens: Ensemble, checkpoint_every: int) -> TrainConfig:
     rate, seed), from its checkpoint, saving every ``checkpoint_every`` steps."""
     stored = (ens.train_state or {}).get("config")
     if not stored:
-        raise ValueError("the checkpoint does not record how it was trained (no train_state config): "
-                         "its members cannot be retrained the same way")
-    return TrainConfig(int(stored["steps"]), int(stored["batch_size"]), float(stored["lr"]), int(stored["seed"]),
-                       checkpoint_every)
+        raise ValueError(
+            "the checkpoint does not record how it was trained (no train_state config): "
+            "its members cannot be retrained the same way"
+        )
+    return TrainConfig(
+        int(stored["steps"]),
+        int(stored["batch_size"]),
+        float(stored["lr"]),
+        int(stored["seed"]),
+        checkpoint_every,
+    )
 
 
-def retrain(ens: Ensemble, plan: RetrainPlan, x_all: Tensor, cfg: TrainConfig, *, state_path: Path,
-            progress: ProgressFn | None = None) -> Ensemble:
+def retrain(
+    ens: Ensemble,
+    plan: RetrainPlan,
+    x_all: Tensor,
+    cfg: TrainConfig,
+    *,
+    state_path: Path,
+    progress: ProgressFn | None = None,
+) -> Ensemble:
     """Retrain ``plan.members`` of ``ens`` from scratch without the withdrawn sources.
 
     The new members are initialised from ``plan.init_seed(cfg.seed)`` and trained together
@@ -105,14 +119,27 @@ def retrain(ens: Ensemble, plan: RetrainPlan, x_all: Tensor, cfg: TrainConfig, *
     sub.to(device)
 
     def save(train_state: dict[str, Any]) -> None:
-        save_atomically({"format": FORMAT, "plan": _record(plan), "dataset": ens.dataset.fingerprint,
-                         "state_dict": {k: v.detach().cpu() for k, v in sub.state_dict().items()},
-                         "train_state": train_state}, state_path)
+        save_atomically(
+            {
+                "format": FORMAT,
+                "plan": _record(plan),
+                "dataset": ens.dataset.fingerprint,
+                "state_dict": {k: v.detach().cpu() for k, v in sub.state_dict().items()},
+                "train_state": train_state,
+            },
+            state_path,
+        )
 
     final = fit(sub, ens.schedule, splits, x_all, cfg, state=state, save=save, progress=progress)
     net = replace_members(ens.net, members, sub)
-    return Ensemble(net, ens.schedule, book, ens.dataset, ens.preset,
-                    {"step": final["step"], "config": final["config"], "retrained": members})
+    return Ensemble(
+        net,
+        ens.schedule,
+        book,
+        ens.dataset,
+        ens.preset,
+        {"step": final["step"], "config": final["config"], "retrained": members},
+    )
 
 
 def _record(plan: RetrainPlan) -> dict[str, list[int]]:
@@ -125,8 +152,12 @@ def _resume(path: Path, plan: RetrainPlan, ens: Ensemble, sub: WideUNet) -> dict
     if not path.is_file():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if (not isinstance(saved, dict) or saved.get("format") != FORMAT or saved.get("plan") != _record(plan)
-            or saved.get("dataset") != ens.dataset.fingerprint):
+    if (
+        not isinstance(saved, dict)
+        or saved.get("format") != FORMAT
+        or saved.get("plan") != _record(plan)
+        or saved.get("dataset") != ens.dataset.fingerprint
+    ):
         return None
     sub.load_state_dict(saved["state_dict"])
     return dict(saved["train_state"])

@@ -25,15 +25,25 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.db import Database
-from app.orm import Attribution, AttributionEntry, EnsembleRow, Generation, Image, Job, OptOut, SourceCode, utcnow
+from app.orm import (
+    Attribution,
+    AttributionEntry,
+    EnsembleRow,
+    Generation,
+    Image,
+    Job,
+    OptOut,
+    SourceCode,
+    utcnow,
+)
 from app.settings import Settings
 from app.unlearning import OptOutError, RetrainOptions, retrain_lineage
 from models.ablation import gram, jacobian, measurable
 from models.attribute import AttributionConfig, SampleAttribution, attribute_exact, rank_sources, verify
+from models.codes import mask_bits
 from models.distances import LPIPSMetric, load_lpips
 from models.ensemble import Ensemble, resolve_device
 from models.images import png_bytes
-from models.codes import mask_bits
 from models.sampler import make_tape, sample, served_weights
 from models.unet import WideUNet
 
@@ -182,7 +192,8 @@ def _ensure_sample(db: Database, le: LoadedEnsemble, gen_id: int) -> tuple[Gener
         gen = s.get(Generation, gen_id)
         assert gen is not None
         if gen.status != "done":
-            x = sample(le.ens.net, le.ens.schedule, make_tape([gen.seed], le.ens.shape, gen.steps), le.weights)[0]
+            tape = make_tape([gen.seed], le.ens.shape, gen.steps)
+            x = sample(le.ens.net, le.ens.schedule, tape, le.weights)[0]
             _store_sample(s, gen, x)
         return gen, _sample_of(gen, le.ens.shape)
 
@@ -227,8 +238,8 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
     tape = make_tape([gen.seed], le.ens.shape, gen.steps)
     f = f.to(cache.device)
     if method == "exact":
-        res = attribute_exact(le.ens, tape, f, cfg, lp, le.members, progress=lambda p: progress(0.1 + 0.85 * p),
-                              served=le.served, sources=sources)
+        res = attribute_exact(le.ens, tape, f, cfg, lp, le.members,
+                              progress=lambda p: progress(0.1 + 0.85 * p), served=le.served, sources=sources)
     else:
         J = _ensure_jacobian(db, le, gen).to(cache.device)
         progress(0.6)

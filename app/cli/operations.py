@@ -42,7 +42,14 @@ from app.queue import make_celery
 from app.registry import RegistryError, get_or_create_owner, import_dataset, register_ensemble
 from app.schemas import OptOutPublic
 from app.settings import Settings, get_settings
-from app.unlearning import OptOutError, RetrainOptions, opt_out_work, opt_outs_public, retrain_in_progress, retrain_lineage
+from app.unlearning import (
+    OptOutError,
+    RetrainOptions,
+    opt_out_work,
+    opt_outs_public,
+    retrain_in_progress,
+    retrain_lineage,
+)
 from models.data import ImageDataset
 
 OwnersOf = Callable[[ImageDataset], list[str | None] | None]
@@ -337,9 +344,9 @@ def add_parsers(sub: Any) -> None:
     r.set_defaults(func=cmd_register)
 
     oo = sub.add_parser("opt-out", help="withdraw a training work (exact unlearning)",
-                        description="At once, every ensemble that trained on the work serves from the members "
-                                    "that never saw it; a retrain job (run by a service's worker, or by "
-                                    "'attrib retrain') then retrains those members without it.")
+                        description="At once, every ensemble that trained on the work serves from the "
+                                    "members that never saw it; a retrain job (run by a service's worker, or "
+                                    "by 'attrib retrain') then retrains those members without it.")
     oo.add_argument("work", type=positive_int, help="the work's id (training item id, as GET /works shows)")
     oo.add_argument("--reason", default="", help="why it is withdrawn (kept with the opt-out)")
     add_json_flag(oo)

@@ -9,7 +9,15 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.db import Database
-from app.deps import BodyCache, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, Withdrawals, WriterDep
+from app.deps import (
+    BodyCache,
+    LimitedOperatorDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    Withdrawals,
+    WriterDep,
+)
 from app.orm import Attribution, AttributionEntry, Generation, OptOut, Owner, TrainingItem
 from app.routes.common import ERRORS, PNG, IdempotencyKey, PathId, Scale, png_response
 from app.routes.lookups import attributions_for, counterfactual_png, key_in_use, replay

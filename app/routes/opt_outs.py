@@ -23,11 +23,16 @@ router = APIRouter(tags=["opt-outs"], responses={k: v for k, v in ERRORS.items()
 CallerDep = Annotated[Principal, Depends(get_principal)]
 
 
-@router.post("/works/{work_id}/opt-out", status_code=202, response_model=OptOutPublic,
-             responses={200: {"model": OptOutPublic, "description": "the work was withdrawn before: its opt-out"}},
-             summary="Withdraw a training work: at once from serving, then by retraining")
-async def opt_out(work_id: PathId, body: OptOutCreate, p: CallerDep, writer: WriterDep,
-                  response: Response) -> OptOutPublic:
+@router.post(
+    "/works/{work_id}/opt-out",
+    status_code=202,
+    response_model=OptOutPublic,
+    responses={200: {"model": OptOutPublic, "description": "the work was withdrawn before: its opt-out"}},
+    summary="Withdraw a training work: at once from serving, then by retraining",
+)
+async def opt_out(
+    work_id: PathId, body: OptOutCreate, p: CallerDep, writer: WriterDep, response: Response
+) -> OptOutPublic:
     """Once this answers, every ensemble that trained on the work serves from the members that
     never saw it (weights renormalised over them): nothing generated afterwards depends on the
     work, and new attributions leave it out. A background job (kind `retrain`) then retrains

@@ -15,8 +15,8 @@ from app.deps import BodyCache, DatabaseDep, OwnerDep, ReadsDep, SessionDep, Set
 from app.orm import Attribution, AttributionEntry, Generation, Image, TrainingItem
 from app.routes.common import ERRORS, PNG, Offset, PageSize, PathId, Scale, check_limit, png_response
 from app.routes.lookups import counterfactual_png
-from app.unlearning import opt_outs_public
 from app.schemas import InfluencePage, InfluencePublic, WorkPage, WorkPublic
+from app.unlearning import opt_outs_public
 
 router = APIRouter(prefix="/works", tags=["rights holder"],
                    responses={k: v for k, v in ERRORS.items() if k != 403} | {

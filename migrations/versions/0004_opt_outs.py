@@ -34,10 +34,15 @@ def upgrade() -> None:
         sa.Column("owner_id", sa.Integer(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["owner_id"], ["owner.id"], name=op.f("fk_opt_out_owner_id_owner"),
-                                ondelete="SET NULL"),
-        sa.ForeignKeyConstraint(["training_item_id"], ["training_item.id"],
-                                name=op.f("fk_opt_out_training_item_id_training_item"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["owner_id"], ["owner.id"], name=op.f("fk_opt_out_owner_id_owner"), ondelete="SET NULL"
+        ),
+        sa.ForeignKeyConstraint(
+            ["training_item_id"],
+            ["training_item.id"],
+            name=op.f("fk_opt_out_training_item_id_training_item"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_opt_out")),
         sa.UniqueConstraint("training_item_id", name=op.f("uq_opt_out_training_item_id")),
     )
@@ -53,15 +58,33 @@ def upgrade() -> None:
         sa.Column("job_id", sa.String(length=36), nullable=True),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("restored_at", sa.DateTime(timezone=True), nullable=True),
-        sa.CheckConstraint("state IN ('masked', 'retraining', 'restored')", name=op.f("ck_opt_out_effect_state")),
-        sa.ForeignKeyConstraint(["masked_version_id"], ["ensemble.id"],
-                                name=op.f("fk_opt_out_effect_masked_version_id_ensemble"), ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["opt_out_id"], ["opt_out.id"], name=op.f("fk_opt_out_effect_opt_out_id_opt_out"),
-                                ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["restored_version_id"], ["ensemble.id"],
-                                name=op.f("fk_opt_out_effect_restored_version_id_ensemble"), ondelete="SET NULL"),
-        sa.ForeignKeyConstraint(["trained_version_id"], ["ensemble.id"],
-                                name=op.f("fk_opt_out_effect_trained_version_id_ensemble"), ondelete="CASCADE"),
+        sa.CheckConstraint(
+            "state IN ('masked', 'retraining', 'restored')", name=op.f("ck_opt_out_effect_state")
+        ),
+        sa.ForeignKeyConstraint(
+            ["masked_version_id"],
+            ["ensemble.id"],
+            name=op.f("fk_opt_out_effect_masked_version_id_ensemble"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["opt_out_id"],
+            ["opt_out.id"],
+            name=op.f("fk_opt_out_effect_opt_out_id_opt_out"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["restored_version_id"],
+            ["ensemble.id"],
+            name=op.f("fk_opt_out_effect_restored_version_id_ensemble"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["trained_version_id"],
+            ["ensemble.id"],
+            name=op.f("fk_opt_out_effect_trained_version_id_ensemble"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_opt_out_effect")),
         sa.UniqueConstraint("opt_out_id", "lineage_id", name=op.f("uq_opt_out_effect_opt_out_id_lineage_id")),
     )
@@ -75,13 +98,20 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("served_members", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("withdrawn", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("manifests", sa.JSON(), nullable=True))
-    op.execute("UPDATE ensemble SET lineage_id = id, served_members = (CAST(1 AS BIGINT) << n) - 1, withdrawn = '[]'")
+    op.execute(
+        "UPDATE ensemble SET lineage_id = id, served_members = (CAST(1 AS BIGINT) << n) - 1, withdrawn = '[]'"
+    )
     with op.batch_alter_table("ensemble", schema=None) as batch_op:
         batch_op.alter_column("served_members", existing_type=sa.BigInteger(), nullable=False)
         batch_op.alter_column("withdrawn", existing_type=sa.JSON(), nullable=False)
         batch_op.create_index(batch_op.f("ix_ensemble_lineage_id"), ["lineage_id"], unique=False)
-        batch_op.create_foreign_key(batch_op.f("fk_ensemble_parent_id_ensemble"), "ensemble", ["parent_id"], ["id"],
-                                    ondelete="SET NULL")
+        batch_op.create_foreign_key(
+            batch_op.f("fk_ensemble_parent_id_ensemble"),
+            "ensemble",
+            ["parent_id"],
+            ["id"],
+            ondelete="SET NULL",
+        )
     _check("ensemble", "status", "status IN ('training', 'ready', 'retired', 'superseded')")
     _check("job", "kind", "kind IN ('generate', 'attribute', 'validate', 'retrain')")
 

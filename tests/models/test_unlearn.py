@@ -48,8 +48,10 @@ def test_masked_weights_have_zero_influence(tiny_ensemble: Ensemble) -> None:
     w_ablated = ablation_weights(code_bits, ens.k, served)
     assert torch.equal(w_ablated[0], w)
     assert torch.equal(sample(ens.net, ens.schedule, tape, w_ablated[0]), x)
-    assert torch.equal(exact_counterfactuals(ens.net, ens.schedule, tape, w_ablated)[0],
-                       exact_counterfactuals(ens.net, ens.schedule, tape, w[None])[0])
+    assert torch.equal(
+        exact_counterfactuals(ens.net, ens.schedule, tape, w_ablated)[0],
+        exact_counterfactuals(ens.net, ens.schedule, tape, w[None])[0],
+    )
 
 
 def test_masked_ranking_matches_exact_weights(tiny_ensemble: Ensemble) -> None:
@@ -82,8 +84,9 @@ def _retrain(ens: Ensemble, data: TinyData, path: Path, every: int = 10) -> Ense
     return retrain(ens, plan, data.x, retrain_config(ens, every), state_path=path)
 
 
-def test_retrain_replaces_exactly_the_members_without_the_work(tiny_ensemble: Ensemble, tiny_data: TinyData,
-                                                               tmp_path: Path) -> None:
+def test_retrain_replaces_exactly_the_members_without_the_work(
+    tiny_ensemble: Ensemble, tiny_data: TinyData, tmp_path: Path
+) -> None:
     parent = tiny_ensemble
     new = _retrain(parent, tiny_data, tmp_path / "state.pt")
     plan = plan_retrain(parent.codebook, [WORK])
@@ -121,19 +124,28 @@ def test_retrain_replaces_exactly_the_members_without_the_work(tiny_ensemble: En
 
     # Saved and loaded back, the withdrawal is part of the checkpoint.
     loaded = Ensemble.load(new.save(tmp_path / "new.pt"))
-    assert loaded.codebook.withdrawn == (WORK,) and loaded.codebook.member_items()[S[0]].tolist() == \
-        splits[S[0]].tolist()
+    assert (
+        loaded.codebook.withdrawn == (WORK,)
+        and loaded.codebook.member_items()[S[0]].tolist() == splits[S[0]].tolist()
+    )
     with pytest.raises(ValueError, match="cannot be continued"):
-        fit(loaded.net, loaded.schedule, [torch.from_numpy(s) for s in splits], tiny_data.x, cfg,
-            state=loaded.train_state)
+        fit(
+            loaded.net,
+            loaded.schedule,
+            [torch.from_numpy(s) for s in splits],
+            tiny_data.x,
+            cfg,
+            state=loaded.train_state,
+        )
 
 
 class _Killed(BaseException):
     """A stand-in for SIGKILL: not an Exception, not a KeyboardInterrupt, so nothing saves on it."""
 
 
-def test_killed_retrain_resumes_to_the_same_result(tiny_ensemble: Ensemble, tiny_data: TinyData,
-                                                   tmp_path: Path) -> None:
+def test_killed_retrain_resumes_to_the_same_result(
+    tiny_ensemble: Ensemble, tiny_data: TinyData, tmp_path: Path
+) -> None:
     reference = _retrain(tiny_ensemble, tiny_data, tmp_path / "reference.pt")
     path = tmp_path / "state.pt"
     plan = plan_retrain(tiny_ensemble.codebook, [WORK])
@@ -148,8 +160,14 @@ def test_killed_retrain_resumes_to_the_same_result(tiny_ensemble: Ensemble, tiny
     assert torch.load(path, weights_only=True)["train_state"]["step"] == 20
 
     steps: list[int] = []
-    resumed = retrain(tiny_ensemble, plan, tiny_data.x, cfg, state_path=path,
-                      progress=lambda step, losses: steps.append(step))
+    resumed = retrain(
+        tiny_ensemble,
+        plan,
+        tiny_data.x,
+        cfg,
+        state_path=path,
+        progress=lambda step, losses: steps.append(step),
+    )
     assert steps[0] == 21 and steps[-1] == cfg.steps
     for key, value in reference.net.state_dict().items():
         assert torch.equal(value, resumed.net.state_dict()[key]), key

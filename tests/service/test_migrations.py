@@ -90,12 +90,12 @@ def test_opt_outs_migration(url: str) -> None:
     migrate.upgrade(url, "0002")
     engine = create_engine(url)
     with engine.begin() as c:
-        c.execute(text("INSERT INTO dataset (id, name, channels, height, width, item_count, spec, fingerprint, "
-                       "created_at) VALUES (1, 'd', 1, 8, 8, 60, '{}', 'f', '2026-01-01')"))
+        c.execute(text("INSERT INTO dataset (id, name, channels, height, width, item_count, spec, "
+                       "fingerprint, created_at) VALUES (1, 'd', 1, 8, 8, 60, '{}', 'f', '2026-01-01')"))
         for eid, n in ((1, 8), (2, 40)):
-            c.execute(text("INSERT INTO ensemble (id, name, dataset_id, n, k, \"T\", config, granularity, checkpoint, "
-                           "status, created_at) VALUES (:id, :name, 1, :n, 4, 20, '{}', 'item', 'x.pt', 'ready', "
-                           "'2026-01-01')"), {"id": eid, "name": f"e{eid}", "n": n})
+            c.execute(text("INSERT INTO ensemble (id, name, dataset_id, n, k, \"T\", config, granularity, "
+                           "checkpoint, status, created_at) VALUES (:id, :name, 1, :n, 4, 20, '{}', 'item', "
+                           "'x.pt', 'ready', '2026-01-01')"), {"id": eid, "name": f"e{eid}", "n": n})
     migrate.upgrade(url, "0004")
     with engine.begin() as c:
         rows = c.execute(text("SELECT id, lineage_id, parent_id, served_members, withdrawn FROM ensemble "
@@ -109,5 +109,6 @@ def test_opt_outs_migration(url: str) -> None:
     migrate.downgrade(url, "0002")
     with engine.begin() as c:
         assert c.execute(text("SELECT id FROM job")).scalars().all() == []
-        assert c.execute(text("SELECT status FROM ensemble ORDER BY id")).scalars().all() == ["retired", "ready"]
+        statuses = c.execute(text("SELECT status FROM ensemble ORDER BY id")).scalars().all()
+        assert statuses == ["retired", "ready"]
     engine.dispose()

@@ -72,8 +72,9 @@ def code_bits(ens: Ensemble, index: int) -> np.ndarray:
     return ens.codebook.bits()[index]  # item granularity: source i is item i
 
 
-def test_opt_out_masks_at_once_then_the_retrain_restores(svc: Service, tiny_ckpt: Path,
-                                                         tiny_dataset: Any) -> None:
+def test_opt_out_masks_at_once_then_the_retrain_restores(
+    svc: Service, tiny_ckpt: Path, tiny_dataset: Any
+) -> None:
     ens = Ensemble.load(tiny_ckpt).for_inference()
     work_id, holder = work(svc)
     other = next(o for o in svc.owner_keys if o != holder)
@@ -87,9 +88,15 @@ def test_opt_out_masks_at_once_then_the_retrain_restores(svc: Service, tiny_ckpt
     opt_out(svc, work_id, svc.owner(other), 404)
     opt = opt_out(svc, work_id, svc.owner(holder), reason="no longer licensed")
     S = [int(i) for i in np.flatnonzero(code_bits(ens, WORK_INDEX))]
-    assert opt["state"] == "masked" and opt["reason"] == "no longer licensed" and opt["requested_by"] == "holder"
+    assert (
+        opt["state"] == "masked" and opt["reason"] == "no longer licensed" and opt["requested_by"] == "holder"
+    )
     [eff] = opt["ensembles"]
-    assert eff["members"] == S and eff["trained_version_id"] == before["ensemble_id"] and eff["state"] == "masked"
+    assert (
+        eff["members"] == S
+        and eff["trained_version_id"] == before["ensemble_id"]
+        and eff["state"] == "masked"
+    )
     masked_id, job_id = eff["masked_version_id"], eff["retrain_job_id"]
     assert eff["serving_version_id"] == masked_id
     again = opt_out(svc, work_id, svc.op(), 200, reason="other")
@@ -122,15 +129,19 @@ def test_opt_out_masks_at_once_then_the_retrain_restores(svc: Service, tiny_ckpt
     assert all(e["withdrawn_at"] is None for e in new_att["entries"])
     assert work_id not in [e["training_item_id"] for e in attribute(svc, old_gen, top_k=59)["entries"]]
     old_again = svc.client.get(f"/attributions/{old_att['id']}", headers=svc.op()).json()
-    assert [e["training_item_id"] for e in old_again["entries"]] == [e["training_item_id"]
-                                                                      for e in old_att["entries"]]
+    assert [e["training_item_id"] for e in old_again["entries"]] == [
+        e["training_item_id"] for e in old_att["entries"]
+    ]
     assert [e["training_item_id"] for e in old_again["entries"] if e["withdrawn_at"]] == [work_id]
 
     # The retrain: exactly S, from scratch, without the work; everything else byte-identical.
     assert execute_job(job_id, svc.worker) == "succeeded"
     done = svc.client.get(f"/opt-outs/{opt['id']}", headers=svc.owner(holder)).json()
     [eff] = done["ensembles"]
-    assert done["state"] == eff["state"] == "restored" and eff["serving_version_id"] == eff["restored_version_id"]
+    assert (
+        done["state"] == eff["state"] == "restored"
+        and eff["serving_version_id"] == eff["restored_version_id"]
+    )
     restored = version(svc, eff["restored_version_id"])
     assert (restored.parent_id, restored.withdrawn, restored.status) == (masked_id, [work_id], "ready")
     assert restored.served_members == (1 << ens.n) - 1
@@ -139,7 +150,9 @@ def test_opt_out_masks_at_once_then_the_retrain_restores(svc: Service, tiny_ckpt
     shas = [tiny_dataset.item_sha256(i) for i in range(tiny_dataset.N)]
     assert restored.manifests == member_manifests(new.codebook, shas)
     parent_manifests = member_manifests(ens.codebook, shas)
-    assert [restored.manifests[i] != parent_manifests[i] for i in range(ens.n)] == [i in S for i in range(ens.n)]
+    assert [restored.manifests[i] != parent_manifests[i] for i in range(ens.n)] == [
+        i in S for i in range(ens.n)
+    ]
     assert all(WORK_INDEX not in split for split in new.codebook.member_items())
     for key, value in ens.net.state_dict().items():
         for i in range(ens.n):
@@ -147,13 +160,20 @@ def test_opt_out_masks_at_once_then_the_retrain_restores(svc: Service, tiny_ckpt
     assert satisfies_definition1(new.codebook.codes[new.codebook.active_sources()])
 
     # Generations keep the version that made them; new ones come from the restored version.
-    assert svc.client.get(f"/generations/{old_gen}", headers=svc.op()).json()["ensemble_id"] == before["ensemble_id"]
+    assert (
+        svc.client.get(f"/generations/{old_gen}", headers=svc.op()).json()["ensemble_id"]
+        == before["ensemble_id"]
+    )
     assert svc.client.get(f"/generations/{old_gen}/image.png", headers=svc.op()).content == old_png
     later = generate(svc, [0])
     assert later["ensemble_id"] == restored.id
-    later_png = svc.client.get(f"/generations/{later['generation_ids'][0]}/image.png", headers=svc.op()).content
+    later_png = svc.client.get(
+        f"/generations/{later['generation_ids'][0]}/image.png", headers=svc.op()
+    ).content
     assert later_png == png_bytes(sample(new.for_inference().net, new.schedule, tape)[0])
-    assert work_id not in [e["training_item_id"] for e in attribute(svc, later["generation_ids"][0], top_k=60)["entries"]]
+    assert work_id not in [
+        e["training_item_id"] for e in attribute(svc, later["generation_ids"][0], top_k=60)["entries"]
+    ]
 
 
 def test_too_few_members_left_is_409_naming_the_retrain(make_service: Callable[..., Service]) -> None:
@@ -162,7 +182,9 @@ def test_too_few_members_left_is_409_naming_the_retrain(make_service: Callable[.
     opt = opt_out(svc, work_id, svc.op())
     job_id = opt["ensembles"][0]["retrain_job_id"]
     r = svc.client.post("/generate", json={"seeds": [0]}, headers=svc.op())
-    assert r.status_code == 409 and job_id in r.json()["detail"] and "min_served_fraction" in r.json()["detail"]
+    assert (
+        r.status_code == 409 and job_id in r.json()["detail"] and "min_served_fraction" in r.json()["detail"]
+    )
     r = svc.client.post("/batches", json={"count": 2}, headers=svc.op())
     assert r.status_code == 409 and job_id in r.json()["detail"]
     assert execute_job(job_id, svc.worker) == "succeeded"
@@ -192,8 +214,9 @@ def retrain_hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Callable[[int
     yield hooks
 
 
-def test_a_killed_retrain_resumes_and_finishes_once(make_service: Callable[..., Service],
-                                                    retrain_hook: list[Callable[[int], None]]) -> None:
+def test_a_killed_retrain_resumes_and_finishes_once(
+    make_service: Callable[..., Service], retrain_hook: list[Callable[[int], None]]
+) -> None:
     svc = make_service(retrain_checkpoint_every=10)
     work_id, _ = work(svc)
     opt = opt_out(svc, work_id, svc.op())
@@ -225,13 +248,15 @@ def test_a_killed_retrain_resumes_and_finishes_once(make_service: Callable[..., 
     assert not list(svc.settings.checkpoint_dir.glob("*.state.pt"))
 
 
-def test_overlapping_opt_outs_during_a_retrain_end_in_one_version(make_service: Callable[..., Service],
-                                                                   retrain_hook: list[Callable[[int], None]],
-                                                                   tiny_ckpt: Path) -> None:
+def test_overlapping_opt_outs_during_a_retrain_end_in_one_version(
+    make_service: Callable[..., Service], retrain_hook: list[Callable[[int], None]], tiny_ckpt: Path
+) -> None:
     svc = make_service(retrain_checkpoint_every=10)
     ens = Ensemble.load(tiny_ckpt)
     bits = ens.codebook.bits()
-    second = next(i for i in range(len(bits)) if i != WORK_INDEX and 0 < (bits[i] & bits[WORK_INDEX]).sum() < ens.k)
+    second = next(
+        i for i in range(len(bits)) if i != WORK_INDEX and 0 < (bits[i] & bits[WORK_INDEX]).sum() < ens.k
+    )
     w1, _ = work(svc)
     w2, _ = work(svc, second)
     first = opt_out(svc, w1, svc.op())
@@ -253,7 +278,9 @@ def test_overlapping_opt_outs_during_a_retrain_end_in_one_version(make_service: 
         s.expunge(restored)
     assert sorted(restored.withdrawn) == sorted([w1, w2])
     states = [svc.client.get(f"/opt-outs/{o['id']}", headers=svc.op()).json() for o in (first, joined[0])]
-    assert {(o["state"], o["ensembles"][0]["restored_version_id"]) for o in states} == {("restored", restored.id)}
+    assert {(o["state"], o["ensembles"][0]["restored_version_id"]) for o in states} == {
+        ("restored", restored.id)
+    }
     new = Ensemble.load(restored.checkpoint)
     dropped = np.flatnonzero(bits[WORK_INDEX] | bits[second])
     for key, value in ens.net.state_dict().items():
@@ -262,8 +289,13 @@ def test_overlapping_opt_outs_during_a_retrain_end_in_one_version(make_service: 
     assert all(WORK_INDEX not in split and second not in split for split in new.codebook.member_items())
 
 
-def test_cli_opt_out_and_retrain(template_db: Path, tmp_path: Path, tiny_ckpt: Path,
-                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_opt_out_and_retrain(
+    template_db: Path,
+    tmp_path: Path,
+    tiny_ckpt: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """`attrib opt-out WORK` and `attrib retrain`: the same functions, without the service."""
     data = tmp_path / "data"
     data.mkdir()
@@ -282,8 +314,10 @@ def test_cli_opt_out_and_retrain(template_db: Path, tmp_path: Path, tiny_ckpt: P
         assert out["state"] == "masked" and out["reason"] == "withdrawn by the archive"
         [result] = attrib("retrain", "--device", "cpu")["retrained"]
         assert result["withdrawn_works"] == [WORK_INDEX + 1]
-        assert result["retrained_members"] == [int(i) for i in np.flatnonzero(
-            mask_bits(int(Ensemble.load(tiny_ckpt).codebook.codes[WORK_INDEX]), 8))]
+        assert result["retrained_members"] == [
+            int(i)
+            for i in np.flatnonzero(mask_bits(int(Ensemble.load(tiny_ckpt).codebook.codes[WORK_INDEX]), 8))
+        ]
         again = attrib("opt-out", str(WORK_INDEX + 1))
         assert again["id"] == out["id"] and again["state"] == "restored"
         assert again["ensembles"][0]["serving_version_id"] == result["ensemble_id"]
