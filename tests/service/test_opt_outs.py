@@ -248,9 +248,17 @@ def test_a_killed_retrain_resumes_and_finishes_once(
     assert not list(svc.settings.checkpoint_dir.glob("*.state.pt"))
 
 
+@pytest.mark.parametrize("when", ["at step 5", "after the last step"])
 def test_overlapping_opt_outs_during_a_retrain_end_in_one_version(
-    make_service: Callable[..., Service], retrain_hook: list[Callable[[int], None]], tiny_ckpt: Path
+    make_service: Callable[..., Service],
+    retrain_hook: list[Callable[[int], None]],
+    tiny_ckpt: Path,
+    when: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A second opt-out hitting overlapping members while the retrain runs: noticed at the next
+    saved state (step 5), or when registering (after the last step: the compare-and-set of the
+    serving version fails); either way the retrain plans again and one version comes out."""
     svc = make_service(retrain_checkpoint_every=10)
     ens = Ensemble.load(tiny_ckpt)
     bits = ens.codebook.bits()
@@ -263,12 +271,26 @@ def test_overlapping_opt_outs_during_a_retrain_end_in_one_version(
     job_id = first["ensembles"][0]["retrain_job_id"]
     joined: list[dict] = []
 
-    def second_opt_out_at_5(step: int) -> None:
-        if step == 5 and not joined:
+    def second_opt_out() -> None:
+        if not joined:
             joined.append(opt_out(svc, w2, svc.op()))
 
-    retrain_hook.append(second_opt_out_at_5)
+    steps: list[int] = []
+    retrain_hook.append(steps.append)
+    if when == "at step 5":
+        retrain_hook.append(lambda step: second_opt_out() if step == 5 else None)
+    else:
+        manifests = app.unlearning.member_manifests
+
+        def opt_out_then_manifests(*args: Any) -> list[str]:
+            second_opt_out()
+            return manifests(*args)
+
+        monkeypatch.setattr(app.unlearning, "member_manifests", opt_out_then_manifests)
     assert execute_job(job_id, svc.worker) == "succeeded"
+    # The first plan stops at its next saved state (step 10), or runs to the end (40) before it
+    # fails to take over; then the plan with both works runs once, from its first step.
+    assert steps == [*range(1, 11 if when == "at step 5" else 41), *range(1, 41)]
     [eff2] = joined[0]["ensembles"]
     assert eff2["retrain_job_id"] == job_id  # joined the running retrain: no second job
     with svc.db.session() as s:
