@@ -47,10 +47,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy .
 
 bench-quick: $(STAMP)
-	@for b in ensemble jacobian rank api; do $(PY) bench/$$b.py --quick | tail -n 1; done
+	@for b in ensemble jacobian rank retrain api; do $(PY) bench/$$b.py --quick | tail -n 1; done
 
 bench: $(STAMP)
-	@for b in ensemble jacobian rank api; do $(PY) bench/$$b.py | tail -n 1; done
+	@for b in ensemble jacobian rank retrain api; do $(PY) bench/$$b.py | tail -n 1; done
 
 clean:
 	rm -rf $(RUNS) .pytest_cache .ruff_cache .mypy_cache

@@ -14,10 +14,12 @@ import anyio
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, hash_key
 from app.db import MAX_SESSIONS, Database
+from app.orm import OptOut
 from app.settings import Settings
 from app.writer import Writer
 
@@ -101,6 +103,27 @@ class TTLCache(Generic[V]):
 
 BodyCache = TTLCache[bytes]
 """Response bodies (JSON or HTML) by key."""
+
+
+class Withdrawals:
+    """How many works are withdrawn (opt-outs), re-read at most every ``ttl`` seconds per API
+    process: part of the key of a cached ranking, whose entries mark withdrawn works (so a
+    withdrawal shows in rankings within ``ttl``)."""
+
+    def __init__(self, ttl: float, clock: Clock = time.monotonic) -> None:
+        self.ttl, self.clock = ttl, clock
+        self._read_at = -math.inf
+        self._count = 0
+
+    def fresh(self) -> int | None:
+        """The count, if read within ``ttl``."""
+        return self._count if self.clock() - self._read_at < self.ttl else None
+
+    def read(self, db: Database) -> int:
+        with db.session() as s:
+            count = s.scalar(select(func.count()).select_from(OptOut)) or 0
+        self._count, self._read_at = count, self.clock()
+        return count
 
 
 async def get_reads(request: Request) -> ReadPool:

@@ -33,10 +33,10 @@ from starlette.routing import compile_path
 
 from app import jobs
 from app.db import Database
-from app.deps import BodyCache, Clock, KeyCache, RateLimiter, ReadPool, TTLCache
+from app.deps import BodyCache, Clock, KeyCache, RateLimiter, ReadPool, TTLCache, Withdrawals
 from app.orm import Job
 from app.queue import make_celery
-from app.routes import attributions, batches, generations, health, shares, validations, works
+from app.routes import attributions, batches, generations, health, opt_outs, shares, validations, works
 from app.routes import jobs as jobs_routes
 from app.schemas import ErrorPublic
 from app.settings import Settings, get_settings
@@ -350,7 +350,10 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.key_cache = KeyCache(settings.auth_cache_s, clock=clock)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst,
                                          clock=clock)
-    app.state.ranking_cache = BodyCache(math.inf, size=2048)  # a finished ranking never changes
+    # A finished ranking never changes, but for the withdrawal marks of its entries (opt-outs):
+    # the count of withdrawals is part of a cached ranking's key, re-read every influence_cache_s.
+    app.state.ranking_cache = BodyCache(math.inf, size=2048)
+    app.state.withdrawals = Withdrawals(settings.influence_cache_s, clock=clock)
     app.state.metrics = metrics = Metrics(app.state.db)
     app.state.writer = Writer(app.state.db, app.state.celery, on_commit=metrics.committed)
     app.state.reads = ReadPool(settings.read_threads)
@@ -369,7 +372,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         return JSONResponse({"detail": "database unavailable; retry later"}, status_code=503,
                             headers={"Retry-After": "5"})
 
-    for resource in (generations, attributions, shares, jobs_routes, batches, validations, works, health):
+    for resource in (generations, attributions, shares, jobs_routes, batches, validations, works, opt_outs,
+                     health):
         app.include_router(resource.router)
     web.install(app)
     _document_limits(app, settings)

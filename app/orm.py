@@ -42,8 +42,10 @@ class Base(DeclarativeBase):
 Timestamp = DateTime(timezone=True)
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
-JOB_KINDS = ("generate", "attribute", "validate", "counterfactual")
+JOB_KINDS = ("generate", "attribute", "validate", "retrain", "counterfactual")
 JOB_QUEUES = ("interactive", "long")  # app.queue.QUEUES (kept here so the schema imports no Celery)
+ENSEMBLE_STATUSES = ("training", "ready", "retired", "superseded")
+OPT_OUT_STATES = ("masked", "retraining", "restored")
 
 
 class Image(Base):
@@ -126,6 +128,12 @@ class TrainingItem(Base):
 
 
 class EnsembleRow(Base):
+    """One version of an ensemble. A registered checkpoint starts a lineage (``lineage_id`` = its
+    id); an opt-out or a retrain adds a version (``parent_id``: the one it replaces, which becomes
+    ``superseded``), so a generation keeps the version that made it. A version never changes:
+    ``served_members`` (bitmask) are the members it samples with, ``withdrawn`` the training item
+    ids opted out of it, ``manifests`` (retrained versions) a SHA-256 per member of its split."""
+
     __tablename__ = "ensemble"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -137,10 +145,15 @@ class EnsembleRow(Base):
     granularity: Mapped[str] = mapped_column(String(16))
     checkpoint: Mapped[str] = mapped_column(String(1000))
     status: Mapped[str] = mapped_column(String(16), default="ready")
+    lineage_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("ensemble.id", ondelete="SET NULL"))
+    served_members: Mapped[int] = mapped_column(BigInteger)
+    withdrawn: Mapped[list[int]] = mapped_column(JSON, default=list)
+    manifests: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     __table_args__ = (
         CheckConstraint("n >= 1 AND n <= 62 AND k >= 1 AND k < n", name="n_k"),
-        CheckConstraint("status IN ('training', 'ready', 'retired')", name="status"),
+        CheckConstraint(f"status IN ({', '.join(map(repr, ENSEMBLE_STATUSES))})", name="status"),
     )
 
 
@@ -165,6 +178,44 @@ class SourceCode(Base):
     training_item_id: Mapped[int | None] = mapped_column(ForeignKey("training_item.id", ondelete="CASCADE"),
                                                          index=True)
     code: Mapped[int] = mapped_column(BigInteger)
+
+
+class OptOut(Base):
+    """A training work withdrawn by its rights holder (``owner_id``) or an operator (NULL). One
+    per work: asking again returns this one."""
+
+    __tablename__ = "opt_out"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    training_item_id: Mapped[int] = mapped_column(ForeignKey("training_item.id", ondelete="CASCADE"),
+                                                  unique=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("owner.id", ondelete="SET NULL"))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class OptOutEffect(Base):
+    """What an opt-out did to one ensemble lineage: the version that trained on the work, the
+    members S(x) it dropped (bitmask), the masked version that answered at once, the retrain job,
+    and the version restored by it.
+
+        masked --(the retrain job starts a plan with the work)--> retraining --(registered)--> restored
+    """
+
+    __tablename__ = "opt_out_effect"
+    __table_args__ = (
+        UniqueConstraint("opt_out_id", "lineage_id"),
+        CheckConstraint(f"state IN ({', '.join(map(repr, OPT_OUT_STATES))})", name="state"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    opt_out_id: Mapped[int] = mapped_column(ForeignKey("opt_out.id", ondelete="CASCADE"))
+    lineage_id: Mapped[int] = mapped_column(Integer, index=True)
+    trained_version_id: Mapped[int] = mapped_column(ForeignKey("ensemble.id", ondelete="CASCADE"))
+    members: Mapped[int] = mapped_column(BigInteger)
+    masked_version_id: Mapped[int] = mapped_column(ForeignKey("ensemble.id", ondelete="CASCADE"))
+    restored_version_id: Mapped[int | None] = mapped_column(ForeignKey("ensemble.id", ondelete="SET NULL"))
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    state: Mapped[str] = mapped_column(String(16), default="masked")
+    restored_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Generation(Base):

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from models.codes import delta_w_values, unpack_bits
+from models.codes import ablated_weights, delta_w_values, unpack_bits
 
 MAX_SCALE = 32
 
@@ -40,10 +40,14 @@ def _encode(img: Image.Image, scale: int) -> bytes:
 
 
 def predicted_counterfactual(sample: bytes, jacobian: bytes, shape: tuple[int, int, int],
-                             code: int, n: int, k: int) -> np.ndarray:
-    """f + J dw (synthetic ablation's first-order counterfactual): (C, H, W)."""
+                             code: int, n: int, k: int, served: int | None = None) -> np.ndarray:
+    """f + J dw (synthetic ablation's first-order counterfactual): (C, H, W). served: the bitmask
+    of the members the generation's ensemble version samples with (None or all: the full ensemble)."""
     f = np.frombuffer(sample, dtype=np.float32).astype(np.float64)
     J = np.frombuffer(jacobian, dtype=np.float32).reshape(f.size, n).astype(np.float64)
-    kept, dropped = delta_w_values(n, k)
-    dw = np.where(unpack_bits(np.array([code]), n)[0] != 0, dropped, kept)
+    if served is None or served == (1 << n) - 1:
+        kept, dropped = delta_w_values(n, k)
+        dw = np.where(unpack_bits(np.array([code]), n)[0] != 0, dropped, kept)
+    else:
+        dw = ablated_weights(code, served, n) - ablated_weights(0, served, n)
     return (f + J @ dw).reshape(shape)

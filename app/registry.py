@@ -8,10 +8,12 @@ per training item, checked before insertion.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -103,15 +105,39 @@ def register_ensemble(s: Session, ens: Ensemble, checkpoint: Path, name: str) ->
     C, H, W = ens.shape
     row = EnsembleRow(name=name, dataset_id=ds.id, n=book.n, k=book.k, T=ens.schedule.T,
                       config={"preset": ens.preset, "unet": ens.net.config.to_dict(), "shape": [C, H, W]},
-                      granularity=book.granularity, checkpoint=str(checkpoint.resolve()), status="ready")
+                      granularity=book.granularity, checkpoint=str(checkpoint.resolve()), status="ready",
+                      served_members=(1 << book.n) - 1, withdrawn=[])
     s.add(row)
     s.flush()
+    row.lineage_id = row.id  # the first version of its own lineage
     item_of_source = np.empty(book.num_sources, dtype=np.int64)
     item_of_source[book.item_source] = np.arange(len(book.item_source))
     s.add_all([SourceCode(ensemble_id=row.id, source_index=i, source_key=book.source_keys[i],
                           training_item_id=items[int(item_of_source[i])], code=int(book.codes[i]))
                for i in range(book.num_sources)])
+    row.withdrawn = [items[int(item_of_source[i])] for i in book.withdrawn]
     s.flush()
     n_codes = s.scalar(select(func.count()).select_from(SourceCode).where(SourceCode.ensemble_id == row.id))
     assert n_codes == book.num_sources
     return row
+
+
+def stored_dataset(s: Session, dataset_id: int) -> ImageDataset:
+    """The training works of an imported dataset, read back from their stored PNGs (lossless: the
+    same uint8 pixels, so the same fingerprint as the data imported)."""
+    ds = s.get(Dataset, dataset_id)
+    if ds is None:
+        raise RegistryError(f"dataset {dataset_id} does not exist")
+    rows = s.execute(select(TrainingItem.index, TrainingItem.label, TrainingItem.external_ref, Image.png)
+                     .join(Image, Image.sha256 == TrainingItem.image_sha)
+                     .where(TrainingItem.dataset_id == dataset_id).order_by(TrainingItem.index)).all()
+    images = np.empty((len(rows), ds.channels, ds.height, ds.width), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        with PILImage.open(io.BytesIO(row.png)) as im:
+            pixels = np.asarray(im.convert("L" if ds.channels == 1 else "RGB"))
+        images[i] = pixels[None] if ds.channels == 1 else np.moveaxis(pixels, -1, 0)
+    labels = None if any(r.label is None for r in rows) else np.array([r.label for r in rows], dtype=np.int64)
+    out = ImageDataset(ds.name, images, labels, None, tuple(r.external_ref for r in rows))
+    if out.fingerprint() != ds.fingerprint:
+        raise RegistryError(f"the stored works of dataset {ds.name!r} do not match its fingerprint")
+    return out

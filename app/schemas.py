@@ -146,7 +146,8 @@ class AttributeAccepted(BaseModel):
 
 class JobPublic(BaseModel):
     id: str = Field(description="job id (UUID)")
-    kind: str = Field(description="generate, attribute, validate or counterfactual (owner-level)")
+    kind: str = Field(description="generate, attribute, validate, retrain (opt-outs) or counterfactual "
+                      "(owner-level)")
     queue: Literal["interactive", "long"] = Field(description="where it waits for a worker: interactive "
                                                   "(generate, attribute, small batches) or long "
                                                   "(validations, large batches)")
@@ -200,6 +201,10 @@ class EntryPublic(BaseModel):
     counterfactual_kind: Literal["exact", "predicted"] = Field(
         description="exact (computed by re-sampling) or predicted (synthetic ablation, f + J dw)"
     )
+    withdrawn_at: Time | None = Field(
+        None, description="when the work was withdrawn (opted out), if it was: this ranking was made "
+        "before then (new rankings leave withdrawn works out)"
+    )
 
 
 class AttributionPublic(BaseModel):
@@ -246,6 +251,37 @@ class BatchPublic(BaseModel):
     created_at: Time = Field(description="when it was created (UTC)")
 
 
+class OptOutCreate(_In):
+    reason: str = Field("", max_length=2000, description="why the work is withdrawn (kept with the opt-out)")
+
+
+class OptOutEnsemblePublic(BaseModel):
+    lineage_id: int = Field(description="the ensemble lineage (its first version's id)")
+    state: Literal["masked", "retraining", "restored"] = Field(
+        description="masked: served without the work's members; retraining: those members are being "
+        "retrained without it; restored: a retrained version serves every member again")
+    members: list[int] = Field(description="the members that trained on the work, S(x): dropped at once, "
+                               "then retrained")
+    trained_version_id: int = Field(description="the version that served when the work was withdrawn")
+    masked_version_id: int = Field(description="the version that served at once without the work's members")
+    restored_version_id: int | None = Field(description="the retrained version, once restored")
+    serving_version_id: int | None = Field(description="the version of this lineage serving now")
+    retrain_job_id: str | None = Field(description="the retrain job: GET /jobs/{id} (operators)")
+    restored_at: Time | None = Field(description="when the retrained version took over (UTC)")
+
+
+class OptOutPublic(BaseModel):
+    id: int = Field(description="opt-out id: GET /opt-outs/{id}")
+    work_id: int = Field(description="the withdrawn work")
+    state: Literal["masked", "retraining", "restored"] = Field(
+        description="the least advanced state over the ensembles that trained on the work (restored "
+        "when none did)")
+    reason: str = Field(description="why the work was withdrawn")
+    requested_by: Literal["holder", "operator"] = Field(description="who withdrew it")
+    created_at: Time = Field(description="when it was withdrawn (UTC): nothing generated after depends on it")
+    ensembles: list[OptOutEnsemblePublic] = Field(description="what it did to each ensemble lineage")
+
+
 class WorkPublic(BaseModel):
     id: int = Field(description="work (training item) id")
     dataset_id: int = Field(description="the dataset the work belongs to")
@@ -253,6 +289,8 @@ class WorkPublic(BaseModel):
     label: int | None = Field(description="the work's class label, if the dataset has labels")
     sha256: str = Field(description="SHA-256 of the work's pixels (uint8 C,H,W)")
     image_url: str = Field(description="the work's image (PNG)")
+    opt_out: OptOutPublic | None = Field(None, description="its opt-out (POST /works/{id}/opt-out), if "
+                                         "withdrawn")
 
 
 class _Page(BaseModel):

@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(15.0, description="how often the API looks for lost jobs; 0 = never")
     generate_chunk: int = Field(16, description="seeds sampled together by one worker pass")
 
+    # Opt-outs.
+    min_served_fraction: float = Field(0.25, ge=0, le=1, description="while opt-outs are being retrained, "
+                                       "an ensemble serving fewer than this fraction of its n members "
+                                       "answers generation requests with 409 naming the retrain "
+                                       "(default n/4)")
+    retrain_checkpoint_every: int = Field(50, ge=1, description="training steps between the saved states "
+                                          "of a retrain job (a killed retrain resumes from the last)")
+
     # Worker.
     device: str = Field("auto", description="torch device of the worker: auto, cpu, cuda, cuda:1")
     worker_threads: int = Field(0, description="torch threads per worker process (0 = torch's default)")

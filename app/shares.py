@@ -189,6 +189,7 @@ class OwnerMembers:
     ensemble_id: int
     n: int
     mask: int  # bit i set: member i trained on at least one of the owner's works
+    served: int  # bit i set: the version serves member i (opt-outs mask the others)
 
     @property
     def dropped(self) -> int:
@@ -196,7 +197,8 @@ class OwnerMembers:
 
     @property
     def left(self) -> int:
-        return self.n - self.dropped
+        """Members the counterfactual keeps: served, and trained on none of the owner's works."""
+        return (self.served & ~self.mask).bit_count()
 
 
 def owner_members(s: Session, attribution_id: int, owner_id: int, min_members: int) -> OwnerMembers:
@@ -219,9 +221,10 @@ def owner_members(s: Session, attribution_id: int, owner_id: int, min_members: i
         mask |= int(code)
     if mask == 0:
         raise HTTPException(404, f"owner {owner_id} has no works in ensemble {ens.id}")
-    members = OwnerMembers(ens.id, ens.n, mask)
+    members = OwnerMembers(ens.id, ens.n, mask, ens.served_members)
     if members.left < min_members:
         raise HTTPException(409, f"owner {owner_id}'s works were seen by {members.dropped} of the "
-                            f"{ens.n} members of ensemble {ens.id}: dropping them all would leave "
-                            f"{members.left}, fewer than owner_counterfactual_min_members={min_members}")
+                            f"{ens.n} members of ensemble {ens.id}: dropping them from the ones it "
+                            f"serves would leave {members.left}, fewer than "
+                            f"owner_counterfactual_min_members={min_members}")
     return members

@@ -1,6 +1,9 @@
 """Exact and synthetic ablation (paper, Section 3 and 3.1).
 
 Exact: ablating the source with code c reruns the sampler with w'_i = (1 - c_i)/(n - k).
+An ensemble that serves only the members m (bits, after an opt-out dropped S(x) of a
+withdrawn x) samples with w = m/|m| and ablates with w'_i = m_i (1 - c_i) / sum_j m_j (1 - c_j);
+every function that takes ``served`` works in that setting (None: every member served).
 
 Synthetic: let f(w) be the final image. J = df/dw at w = 1/n, (D, n) per sample, by
 forward-mode AD through the whole sampling loop with all n tangent directions batched and
@@ -17,25 +20,41 @@ from scipy import stats
 from torch import Tensor
 
 from models.codes import delta_w_values
-from models.sampler import NoiseTape, full_weights
+from models.sampler import NoiseTape, full_weights, served_weights
 from models.schedule import NoiseSchedule
 from models.unet import WideUNet
 
 
-def ablation_weights(bits: Tensor, k: int) -> Tensor:
-    """Weights that drop the members trained on each source: (M, n) bits -> (M, n) float64."""
+def ablation_weights(bits: Tensor, k: int, served: Tensor | None = None) -> Tensor:
+    """Weights that drop the members trained on each source: (M, n) bits -> (M, n) float64.
+
+    served: (n,) bits of the members the ensemble serves (None: all), renormalised over the
+    served members each source leaves (a row with none left is NaN: see ``measurable``)."""
     n = bits.shape[-1]
-    return (1.0 - bits.to(torch.float64)) / (n - k)
+    if served is None:
+        return (1.0 - bits.to(torch.float64)) / (n - k)
+    kept = served.to(device=bits.device, dtype=torch.float64) * (1.0 - bits.to(torch.float64))
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def delta_w(bits: Tensor, k: int, dtype: torch.dtype = torch.float64) -> Tensor:
+def measurable(bits: Tensor, served: Tensor) -> Tensor:
+    """Whether ablating each source leaves a served member to sample with: (M, n) bits, (n,)
+    served bits -> (M,) bool. Always true with every member served (k < n)."""
+    return ((1 - bits.long()) * served.to(bits.device).long()).sum(dim=-1) > 0
+
+
+def delta_w(bits: Tensor, k: int, dtype: torch.dtype = torch.float64, served: Tensor | None = None) -> Tensor:
     """dw(c) = (1 - c)/(n - k) - 1/n: (M, n) bits -> (M, n) ``dtype``. For k = n/2, (1 - 2c)/n.
+    With ``served`` (n,): w'(c) - m/|m| (see ``ablation_weights``).
 
     Integer or bool bits take one pass that writes one of the two values (the same float64
     numbers the formula gives, rounded once to ``dtype``): at a million codes the float64
     formula's several passes over (M, n) doubles cost more than ranking them.
     """
     n = bits.shape[-1]
+    if served is not None:
+        base = served_weights(served).to(bits.device)
+        return (ablation_weights(bits, k, served) - base).to(dtype)
     if bits.is_floating_point():
         return (ablation_weights(bits, k) - 1.0 / n).to(dtype)
     kept, dropped = (torch.tensor(v, dtype=dtype, device=bits.device) for v in delta_w_values(n, k))
@@ -110,7 +129,8 @@ def influence(G: Tensor, dW: Tensor) -> Tensor:
     return q.clamp_min(0.0).sqrt()
 
 
-def rank_codes(G: Tensor, bits: Tensor, k: int, top: int, *, chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
+def rank_codes(G: Tensor, bits: Tensor, k: int, top: int, *, chunk: int = 1 << 18,
+               served: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top ``top`` codes by synthetic influence for every sample.
 
     Costs O(M n^2) per sample and never touches pixels. Scored in float32 chunks of ``chunk``
@@ -118,7 +138,8 @@ def rank_codes(G: Tensor, bits: Tensor, k: int, top: int, *, chunk: int = 1 << 1
     well conditioned enough for ranking); the winners' scores are recomputed in float64.
 
     Args:
-        G: (B, n, n); bits: (M, n) code bits c in {0, 1} (uint8, bool or integer); k: code weight.
+        G: (B, n, n); bits: (M, n) code bits c in {0, 1} (uint8, bool or integer); k: code weight;
+        served: (n,) bits of the served members (None: all), G taken at w = m/|m|.
     Returns:
         scores (B, top) float64, descending; index (B, top) long into the rows of ``bits``.
     """
@@ -129,7 +150,7 @@ def rank_codes(G: Tensor, bits: Tensor, k: int, top: int, *, chunk: int = 1 << 1
     cand_s: list[list[Tensor]] = [[] for _ in range(B)]
     cand_i: list[list[Tensor]] = [[] for _ in range(B)]
     for m0 in range(0, M, chunk):
-        d = delta_w(bits[m0 : m0 + chunk], k, torch.float32)  # built once for every sample
+        d = delta_w(bits[m0 : m0 + chunk], k, torch.float32, served)  # built once for every sample
         for b in range(B):
             q = ((d @ G32[b]) * d).sum(dim=1)
             s, i = torch.topk(q, min(top, len(q)))
@@ -139,7 +160,7 @@ def rank_codes(G: Tensor, bits: Tensor, k: int, top: int, *, chunk: int = 1 << 1
     for b in range(B):
         s, pos = torch.topk(torch.cat(cand_s[b]), top)
         idx = torch.cat(cand_i[b])[pos]
-        exact = influence(G[b : b + 1], delta_w(bits[idx], k))[0]
+        exact = influence(G[b : b + 1], delta_w(bits[idx], k, served=served))[0]
         order = torch.argsort(exact, descending=True)
         best_s.append(exact[order])
         best_i.append(idx[order])

@@ -105,19 +105,25 @@ def attribute(ens: Ensemble, tape: NoiseTape, cfg: AttributionConfig,
 
 
 def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg: AttributionConfig,
-                 lpips: LPIPSMetric | None = None) -> list[SampleAttribution]:
+                 lpips: LPIPSMetric | None = None, *, served: Tensor | None = None,
+                 sources: Tensor | None = None) -> list[SampleAttribution]:
     """Synthetic ranking from an already computed Jacobian (e.g. one stored by the service).
 
-    f: (B, C, H, W) samples; J: (B, D, n) their Jacobians with respect to the weights (D = C*H*W).
+    f: (B, C, H, W) samples; J: (B, D, n) their Jacobians with respect to the weights (D = C*H*W),
+    taken at the serving weights; served: (n,) bits of the served members (None: all);
+    sources: (S',) long, the sources that may be ranked (None: all of the code book).
     """
     if cfg.metric == "lpips" and lpips is None:
         raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
     book = ens.codebook
-    bits = torch.from_numpy(book.bits()).to(J.device)  # (S, n)
+    src = torch.arange(book.num_sources) if sources is None else sources.long().cpu()
+    bits = torch.from_numpy(book.bits())[src].to(J.device)  # (S', n)
     G = gram(J)
-    n_cand = min(cfg.rerank if cfg.metric == "lpips" else cfg.top_k, book.num_sources)
-    cand_scores, cand_idx = rank_codes(G, bits, book.k, n_cand)
-    preds = predicted_counterfactuals(f, J, delta_w(bits[cand_idx], book.k)).clamp(-1, 1)  # (B, R, C, H, W)
+    n_cand = min(cfg.rerank if cfg.metric == "lpips" else cfg.top_k, len(src))
+    cand_scores, cand_pos = rank_codes(G, bits, book.k, n_cand, served=served)
+    cand_idx = src[cand_pos.cpu()]
+    dW = delta_w(bits[cand_pos], book.k, served=served)
+    preds = predicted_counterfactuals(f, J, dW).clamp(-1, 1)  # (B, R, C, H, W)
 
     results = []
     for b in range(f.shape[0]):
@@ -137,24 +143,27 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
 
 def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionConfig,
                     lpips: LPIPSMetric | None = None, members: Sequence[WideUNet] | None = None,
-                    chunk: int = 512, progress: Callable[[float], None] | None = None) -> SampleAttribution:
+                    chunk: int = 512, progress: Callable[[float], None] | None = None, *,
+                    served: Tensor | None = None, sources: Tensor | None = None) -> SampleAttribution:
     """Rank every source of one sample by its *exact* counterfactual distance (no Jacobian).
 
     One sampling run per source (members of S(x) dropped, same noise), ``chunk`` sources at a
     time with member skipping. tape: one seed; f: (C, H, W) the sample. The ranking's ``l2``
-    (and ``lpips``) hold the exact distances, as do exact_l2 / exact_lpips.
+    (and ``lpips``) hold the exact distances, as do exact_l2 / exact_lpips. served and
+    sources as for ``rank_sources``.
     """
     if tape.x_T.shape[0] != 1:
         raise ValueError("attribute_exact ranks one sample at a time")
     if cfg.metric == "lpips" and lpips is None:
         raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
-    bits = torch.from_numpy(ens.codebook.bits())
+    src = torch.arange(ens.codebook.num_sources) if sources is None else sources.long().cpu()
+    bits = torch.from_numpy(ens.codebook.bits())[src]
     S = bits.shape[0]
     scores = torch.empty(S, dtype=torch.float64)
     top_images: dict[int, Tensor] = {}
     for lo in range(0, S, chunk):
         hi = min(S, lo + chunk)
-        W = ablation_weights(bits[lo:hi], ens.k)
+        W = ablation_weights(bits[lo:hi], ens.k, served)
         x = exact_counterfactuals(ens.net, ens.schedule, tape, W, torch.zeros(hi - lo, dtype=torch.long),
                                   members=members, max_rows=cfg.max_rows)
         ref = f[None].expand_as(x)
@@ -173,9 +182,9 @@ def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionC
         if cfg.metric == "lpips":
             x_i = top_images[i][None]
             l2 = float(l2_distance(x_i, f[None]).cpu()[0])
-            ranking.append(SourceScore(i, l2, s, exact_l2=l2, exact_lpips=s))
+            ranking.append(SourceScore(int(src[i]), l2, s, exact_l2=l2, exact_lpips=s))
         else:
-            ranking.append(SourceScore(i, s, exact_l2=s))
+            ranking.append(SourceScore(int(src[i]), s, exact_l2=s))
     cfs = torch.stack([top_images[i] for i in order])
     n = ens.n
     return SampleAttribution(tape.seeds[0], f, torch.zeros(n, n, dtype=torch.float64), ranking, cfs,
@@ -184,15 +193,16 @@ def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionC
 
 def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
            cfg: AttributionConfig, lpips: LPIPSMetric | None = None,
-           members: Sequence[WideUNet] | None = None) -> None:
+           members: Sequence[WideUNet] | None = None, *, served: Tensor | None = None) -> None:
     """Exact counterfactuals of each sample's top ``verify_top_k`` sources, in one batched pass.
 
     Fills exact_l2 / exact_lpips of those entries, exact_counterfactuals and agreement.
+    served: (n,) bits of the served members (None: all).
     """
     K = cfg.verify_top_k
     bits = torch.from_numpy(ens.codebook.bits())
     src = torch.tensor([[r.source for r in res.ranking[:K]] for res in results])  # (B, K)
-    W = ablation_weights(bits[src.flatten()], ens.k)
+    W = ablation_weights(bits[src.flatten()], ens.k, served)
     sample_index = torch.arange(len(results)).repeat_interleave(src.shape[1])
     exact = exact_counterfactuals(ens.net, ens.schedule, tape, W, sample_index,
                                   members=members, max_rows=cfg.max_rows)

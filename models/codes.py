@@ -11,9 +11,10 @@ integer (a BIGINT column).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -188,6 +189,38 @@ def delta_w_values(n: int, k: int) -> tuple[float, float]:
     return 1.0 / (n - k) - 1.0 / n, -1.0 / n
 
 
+def members_of(codes: np.ndarray) -> int:
+    """S(W) = the union of S(s) over the codes (M,) int64: a bitmask of the members trained on
+    any of them (0 for no code)."""
+    return int(np.bitwise_or.reduce(np.asarray(codes, dtype=np.int64), initial=0))
+
+
+def mask_bits(mask: int, n: int) -> np.ndarray:
+    """A member bitmask -> (n,) uint8 bits."""
+    return unpack_bits(np.array([mask], dtype=np.int64), n)[0]
+
+
+def ablated_weights(code: int, served: int, n: int) -> np.ndarray:
+    """Member weights (n,) float64 of the ensemble serving members ``served`` (a bitmask)
+    with the source of ``code`` ablated: w'_i = m_i (1 - c_i) / sum_j m_j (1 - c_j). With
+    code 0 these are the serving weights themselves, m / |m|; with every member served and a
+    weight-k code, (1 - c)/(n - k). Raises ValueError when no served member is left."""
+    kept = mask_bits(served, n).astype(np.float64) * (1.0 - mask_bits(code, n))
+    total = kept.sum()
+    if total == 0:
+        raise ValueError(f"code {code:#x} covers every served member {served:#x}: nothing is left to serve")
+    return kept / total
+
+
+def member_manifests(book: CodeBook, item_sha256: Sequence[str]) -> list[str]:
+    """A SHA-256 per member of its training-set manifest: the content hashes of the items it
+    trains on (``member_items``), in item order, one per line. Equal hashes mean equal splits."""
+    if len(item_sha256) != len(book.item_source):
+        raise ValueError(f"{len(item_sha256)} item hashes for {len(book.item_source)} items")
+    return [hashlib.sha256("".join(f"{item_sha256[int(j)]}\n" for j in split).encode()).hexdigest()
+            for split in book.member_items()]
+
+
 def satisfies_definition1(codes: np.ndarray, chunk: int = 2048) -> bool:
     """Definition 1 checked directly: for all x != x', S(x) \\ S(x') is non-empty.
 
@@ -235,6 +268,8 @@ class CodeBook:
         source_keys: (S,) names of the sources, e.g. "item:17", "class:3", "owner:alice".
         codes: (S,) int64 bitmasks, one per source.
         item_source: (N,) int64 index into source_keys for every training item.
+        withdrawn: sorted indices of sources withdrawn (opted out): no member trains on their
+            items, and their codes stay reserved so that no other source ever gets them.
     """
 
     n: int
@@ -243,6 +278,7 @@ class CodeBook:
     source_keys: tuple[str, ...]
     codes: np.ndarray
     item_source: np.ndarray
+    withdrawn: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -250,6 +286,9 @@ class CodeBook:
         if len(self.source_keys) != len(self.codes):
             raise ValueError("one code per source is required")
         validate_codes(self.codes, self.n, self.k)
+        if list(self.withdrawn) != sorted(set(self.withdrawn)) or any(
+                not 0 <= s < len(self.codes) for s in self.withdrawn):
+            raise ValueError(f"withdrawn sources must be distinct, sorted indices below {len(self.codes)}")
 
     @property
     def num_sources(self) -> int:
@@ -260,9 +299,23 @@ class CodeBook:
         return unpack_bits(self.codes, self.n)
 
     def member_items(self) -> list[np.ndarray]:
-        """For each member i, the (N_i,) item indices it trains on (its split)."""
-        item_bits = self.bits()[self.item_source]  # (N, n)
+        """For each member i, the (N_i,) item indices it trains on (its split): the items whose
+        source's code has bit i set, less the items of withdrawn sources."""
+        source_bits = self.bits()
+        source_bits[list(self.withdrawn)] = 0
+        item_bits = source_bits[self.item_source]  # (N, n)
         return [np.flatnonzero(item_bits[:, i]) for i in range(self.n)]
+
+    def withdraw(self, sources: Sequence[int]) -> CodeBook:
+        """The same code book with ``sources`` withdrawn too (codes unchanged, so Definition 1
+        still holds for the sources that remain)."""
+        return replace(self, withdrawn=tuple(sorted(set(self.withdrawn) | {int(s) for s in sources})))
+
+    def active_sources(self) -> np.ndarray:
+        """(S',) indices of the sources not withdrawn."""
+        keep = np.ones(self.num_sources, dtype=bool)
+        keep[list(self.withdrawn)] = False
+        return np.flatnonzero(keep)
 
     def source_items(self, s: int) -> np.ndarray:
         """Item indices that belong to source s."""

@@ -37,6 +37,24 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"not a device name ({exc})") from exc
 
 
+def save_atomically(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """torch.save ``obj`` to ``path`` through a temporary file in the same folder, fsync and
+    rename: a reader (or a process killed meanwhile) sees the old file or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named network size with training defaults. Image shape comes from the data."""
@@ -141,7 +159,8 @@ class Ensemble:
             "codebook": {"n": book.n, "k": book.k, "granularity": book.granularity,
                          "source_keys": list(book.source_keys),
                          "codes": torch.from_numpy(book.codes.copy()),
-                         "item_source": torch.from_numpy(book.item_source.copy())},
+                         "item_source": torch.from_numpy(book.item_source.copy()),
+                         "withdrawn": list(book.withdrawn)},
             "dataset": {"name": self.dataset.name, "fingerprint": self.dataset.fingerprint,
                         "num_items": self.dataset.num_items, "shape": list(self.dataset.shape),
                         "spec": self.dataset.spec, "subset": self.dataset.subset,
@@ -152,19 +171,7 @@ class Ensemble:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (temporary file in the same folder, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.to_artifact(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_atomically(self.to_artifact(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Ensemble:
@@ -184,7 +191,8 @@ class Ensemble:
         cb = art["codebook"]
         book = CodeBook(int(cb["n"]), int(cb["k"]), str(cb["granularity"]),
                         tuple(cb["source_keys"]), cb["codes"].numpy().astype(np.int64),
-                        cb["item_source"].numpy().astype(np.int64))
+                        cb["item_source"].numpy().astype(np.int64),
+                        tuple(int(s) for s in cb.get("withdrawn", ())))
         ds = art["dataset"]
         info = DatasetInfo(ds["name"], ds["fingerprint"], int(ds["num_items"]),
                            tuple(int(s) for s in ds["shape"]),  # type: ignore[arg-type]

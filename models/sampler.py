@@ -92,6 +92,14 @@ def full_weights(n: int) -> Tensor:
     return torch.full((n,), 1.0 / n, dtype=torch.float64)
 
 
+def served_weights(served: Tensor) -> Tensor:
+    """w = m / |m| over the served members: (n,) bits m in {0, 1} -> (n,) float64. An ensemble
+    whose members S(x) were dropped for an opt-out serves with these weights, so nothing it
+    generates depends on x."""
+    m = served.to(torch.float64)
+    return m / m.sum()
+
+
 def sample(net: WideUNet, schedule: NoiseSchedule, tape: NoiseTape, w: Tensor | None = None) -> Tensor:
     """Sample with member weights w (n,) (default 1/n), all members batched in one wide pass.
 

@@ -153,20 +153,26 @@ def make_optimizer(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
 
 ProgressFn = Callable[[int, Tensor], None]
 """Called after every step with (step, per-member losses (n,))."""
+SaveFn = Callable[[dict[str, Any]], None]
+"""Stores a training state (what ``fit`` resumes from) with the network's parameters."""
 
 
-def train(ens: Ensemble, x_all: Tensor, cfg: TrainConfig, *, checkpoint: str | Path | None = None,
-          progress: ProgressFn | None = None) -> Ensemble:
-    """Train (or resume training) ``ens`` in place up to ``cfg.steps`` total steps.
+def fit(net: WideUNet, schedule: NoiseSchedule, splits: Sequence[Tensor], x_all: Tensor, cfg: TrainConfig, *,
+        state: dict[str, Any] | None = None, save: SaveFn | None = None,
+        progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Train member i of ``net`` on the items ``splits[i]`` up to ``cfg.steps`` total steps, in place.
 
-    Resumes from ``ens.train_state`` when present (optimiser moments, RNG state, step), so an
-    interrupted run continued to the same step count equals an uninterrupted one. Saves to
-    ``checkpoint`` every ``cfg.checkpoint_every`` steps, at the end, and on interruption
-    (KeyboardInterrupt), then re-raises.
+    Resumes from ``state`` (optimiser moments, RNG state, step) when given, so an interrupted
+    run continued to the same step count equals an uninterrupted one. Calls ``save`` with the
+    state every ``cfg.checkpoint_every`` steps and on interruption (KeyboardInterrupt, then
+    re-raised); returns the final state.
 
-    x_all: (N, C, H, W) float in [-1, 1], the training items (CPU).
+    splits: n index tensors into x_all; x_all: (N, C, H, W) float in [-1, 1] (CPU).
     """
-    net = ens.net
+    if len(splits) != net.n:
+        raise ValueError(f"{len(splits)} splits for {net.n} members")
+    if any(len(s) == 0 for s in splits):
+        raise ValueError("a member has an empty training split")
     device = next(net.parameters()).device
     for p in net.parameters():
         p.requires_grad_(True)
@@ -174,13 +180,13 @@ def train(ens: Ensemble, x_all: Tensor, cfg: TrainConfig, *, checkpoint: str | P
     opt = make_optimizer(net.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
     step = 0
-    if ens.train_state is not None:
-        opt.load_state_dict(ens.train_state["optimizer"])
-        g.set_state(ens.train_state["generator"])
-        step = int(ens.train_state["step"])
-    splits = [torch.from_numpy(s) for s in ens.codebook.member_items()]
-    if any(len(s) == 0 for s in splits):
-        raise ValueError("a member has an empty training split")
+    if state is not None:
+        if "optimizer" not in state:
+            raise ValueError("this training state has no optimiser state (members retrained after an "
+                             "opt-out): it cannot be continued; train a new ensemble instead")
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+        step = int(state["step"])
     x_all = x_all.cpu()
 
     def snapshot() -> dict[str, Any]:
@@ -189,24 +195,45 @@ def train(ens: Ensemble, x_all: Tensor, cfg: TrainConfig, *, checkpoint: str | P
 
     try:
         while step < cfg.steps:
-            b = draw_batch(x_all, splits, cfg.batch_size, ens.schedule.T, g)
+            b = draw_batch(x_all, splits, cfg.batch_size, schedule.T, g)
             b = Batch(b.x_0.to(device), b.t.to(device), b.eps.to(device))
-            losses = member_losses(net, ens.schedule, b)
+            losses = member_losses(net, schedule, b)
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
             opt.step()
             step += 1
             if progress is not None:
                 progress(step, losses.detach())
-            if checkpoint is not None and step % cfg.checkpoint_every == 0:
-                ens.train_state = snapshot()
-                ens.save(checkpoint)
+            if save is not None and step % cfg.checkpoint_every == 0:
+                save(snapshot())
     except KeyboardInterrupt:
-        if checkpoint is not None:
-            ens.train_state = snapshot()
-            ens.save(checkpoint)
+        if save is not None:
+            save(snapshot())
         raise
-    ens.train_state = snapshot()
+    return snapshot()
+
+
+def train(ens: Ensemble, x_all: Tensor, cfg: TrainConfig, *, checkpoint: str | Path | None = None,
+          progress: ProgressFn | None = None) -> Ensemble:
+    """Train (or resume training) ``ens`` in place up to ``cfg.steps`` total steps, each member
+    on its split of the code book (``fit``), from ``ens.train_state`` when present.
+
+    Saves to ``checkpoint`` every ``cfg.checkpoint_every`` steps, at the end, and on
+    interruption (KeyboardInterrupt), then re-raises.
+
+    x_all: (N, C, H, W) float in [-1, 1], the training items (CPU).
+    """
+    splits = [torch.from_numpy(s) for s in ens.codebook.member_items()]
+    save: SaveFn | None = None
+    if checkpoint is not None:
+        path = checkpoint
+
+        def save(state: dict[str, Any]) -> None:
+            ens.train_state = state
+            ens.save(path)
+
+    ens.train_state = fit(ens.net, ens.schedule, splits, x_all, cfg, state=ens.train_state, save=save,
+                          progress=progress)
     if checkpoint is not None:
         ens.save(checkpoint)
     return ens

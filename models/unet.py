@@ -494,6 +494,21 @@ def stack_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.cat([s[k] for s in states], dim=0) for k in states[0]}
 
 
+def replace_members(net: WideUNet, members: list[int], sub: WideUNet) -> WideUNet:
+    """A copy of ``net`` whose members ``members`` are the members of ``sub`` (in order); every
+    other member's parameters are copied unchanged. sub: a network of len(members) members of
+    the same configuration."""
+    if sub.n != len(members) or sub.config != net.config:
+        raise ValueError(f"need a network of {len(members)} members of the same configuration")
+    state = {key: value.detach().clone() for key, value in net.state_dict().items()}
+    index = torch.tensor(members, dtype=torch.long)
+    for key, value in sub.state_dict().items():
+        state[key][index] = value.to(state[key])
+    out = WideUNet(net.config, net.n, torch.Generator().manual_seed(0))
+    out.load_state_dict(state)
+    return out.to(device=net.conv_in.weight.device, dtype=net.conv_in.weight.dtype)
+
+
 def num_parameters(net: WideUNet) -> int:
     """Parameters per member."""
     return sum(p.numel() for p in net.parameters()) // net.n

@@ -26,17 +26,29 @@ from sqlalchemy.orm import Session
 import experiments
 from app import jobs
 from app.db import Database
-from app.orm import Attribution, AttributionEntry, EnsembleRow, Generation, Image, Job, SourceCode, utcnow
+from app.orm import (
+    Attribution,
+    AttributionEntry,
+    EnsembleRow,
+    Generation,
+    Image,
+    Job,
+    OptOut,
+    SourceCode,
+    utcnow,
+)
 from app.settings import Settings
+from app.unlearning import OptOutError, RetrainOptions, retrain_lineage
 from experiments import CONFIGS, AnyConfig
 from experiments.common import ENSEMBLE_OPTIONS, ExperimentError
-from models.ablation import gram, jacobian
+from models.ablation import gram, jacobian, measurable
 from models.attribute import AttributionConfig, SampleAttribution, attribute_exact, rank_sources, verify
+from models.codes import mask_bits
 from models.data import DatasetError
 from models.distances import LPIPSMetric, l2_distance, load_lpips
 from models.ensemble import Ensemble, resolve_device
 from models.images import png_bytes
-from models.sampler import exact_counterfactuals, make_tape, sample
+from models.sampler import exact_counterfactuals, make_tape, sample, served_weights
 from models.unet import WideUNet
 
 log = logging.getLogger(__name__)
@@ -49,11 +61,27 @@ class JobError(Exception):
 
 @dataclass
 class LoadedEnsemble:
+    """One ensemble version: its network, and the members it serves (an opt-out drops some)."""
+
     row_id: int
     ens: Ensemble
     members: list[WideUNet]
     item_of_source: np.ndarray  # (S,) training_item.id of each code-book source
     source_of_item: dict[int, int]  # training_item.id -> source index
+    served: torch.Tensor | None = None  # (n,) bits of the served members; None: all of them
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """The member weights it samples with: m/|m| (None: the full ensemble's 1/n)."""
+        return None if self.served is None else served_weights(self.served)
+
+    def rankable(self, withdrawn_items: set[int]) -> torch.Tensor:
+        """(S',) the sources a new attribution may rank: not withdrawn, and leaving a served member
+        when ablated (a source whose code covers every served member cannot be ablated)."""
+        keep = np.array([int(item) not in withdrawn_items for item in self.item_of_source], dtype=bool)
+        if self.served is not None:
+            keep &= measurable(torch.from_numpy(self.ens.codebook.bits()), self.served).numpy()
+        return torch.from_numpy(np.flatnonzero(keep))
 
 
 class EngineCache:
@@ -85,8 +113,11 @@ class EngineCache:
             raise JobError(f"ensemble {ensemble_id}: stored codes do not match checkpoint {row.checkpoint}")
         items = np.array([it if it is not None else -1 for _, it, _ in codes], dtype=np.int64)
         members = [ens.net.member(i) for i in range(ens.n)]
+        served = None
+        if row.served_members != (1 << ens.n) - 1:
+            served = torch.from_numpy(mask_bits(row.served_members, ens.n).astype(np.int64))
         loaded = LoadedEnsemble(row.id, ens, members, items,
-                                {int(it): i for i, it in enumerate(items) if it >= 0})
+                                {int(it): i for i, it in enumerate(items) if it >= 0}, served)
         self._ensembles[ensemble_id] = loaded
         return loaded
 
@@ -145,7 +176,7 @@ def run_generate(db: Database, cache: EngineCache, job: Job, progress: Progress)
         for lo in range(0, len(members), chunk):
             part = members[lo : lo + chunk]
             tape = make_tape([seed for _, seed in part], le.ens.shape, steps)
-            x = sample(le.ens.net, le.ens.schedule, tape)
+            x = sample(le.ens.net, le.ens.schedule, tape, le.weights)
             with db.session() as s:
                 for (gid, _), x_i in zip(part, x, strict=True):
                     gen = s.get(Generation, gid)
@@ -165,7 +196,8 @@ def _ensure_sample(db: Database, le: LoadedEnsemble, gen_id: int) -> tuple[Gener
         gen = s.get(Generation, gen_id)
         assert gen is not None
         if gen.status != "done":
-            x = sample(le.ens.net, le.ens.schedule, make_tape([gen.seed], le.ens.shape, gen.steps))[0]
+            tape = make_tape([gen.seed], le.ens.shape, gen.steps)
+            x = sample(le.ens.net, le.ens.schedule, tape, le.weights)[0]
             _store_sample(s, gen, x)
         return gen, _sample_of(gen, le.ens.shape)
 
@@ -175,7 +207,7 @@ def _ensure_jacobian(db: Database, le: LoadedEnsemble, gen: Generation) -> torch
     D, n = int(np.prod(le.ens.shape)), le.ens.n
     if gen.jacobian is not None:
         return torch.from_numpy(np.frombuffer(gen.jacobian, dtype=np.float32).copy()).reshape(1, D, n)
-    _, J = jacobian(le.ens.net, le.ens.schedule, make_tape([gen.seed], le.ens.shape, gen.steps))
+    _, J = jacobian(le.ens.net, le.ens.schedule, make_tape([gen.seed], le.ens.shape, gen.steps), le.weights)
     J = J.cpu().to(torch.float32)
     with db.session() as s:
         row = s.get(Generation, gen.id)
@@ -196,7 +228,11 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
         le = cache.ensemble(s, gen0.ensemble_id)
         method, metric, top_k, verify_k = att.method, att.metric, att.top_k, att.verify_top_k
         att.status = "running"
-    S = le.ens.codebook.num_sources
+        withdrawn = set(s.scalars(select(OptOut.training_item_id)))
+    sources = le.rankable(withdrawn)  # withdrawn works leave new rankings
+    S = len(sources)
+    if S == 0:
+        raise JobError(f"ensemble {le.row_id} has no training work left to rank")
     top_k, verify_k = min(top_k, S), min(verify_k, S)
     cfg = AttributionConfig(top_k=top_k, metric=metric, rerank=max(top_k, cache.settings.lpips_rerank),
                             verify_top_k=verify_k)
@@ -207,14 +243,14 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
     f = f.to(cache.device)
     if method == "exact":
         res = attribute_exact(le.ens, tape, f, cfg, lp, le.members,
-                              progress=lambda p: progress(0.1 + 0.85 * p))
+                              progress=lambda p: progress(0.1 + 0.85 * p), served=le.served, sources=sources)
     else:
         J = _ensure_jacobian(db, le, gen).to(cache.device)
         progress(0.6)
-        res = rank_sources(le.ens, [gen.seed], f[None], J, cfg, lp)[0]
+        res = rank_sources(le.ens, [gen.seed], f[None], J, cfg, lp, served=le.served, sources=sources)[0]
         progress(0.7)
         if verify_k:
-            verify(le.ens, tape, [res], cfg, lp, le.members)
+            verify(le.ens, tape, [res], cfg, lp, le.members, served=le.served)
     progress(0.95)
     return _write_attribution(db, le, attribution_id, job.id, res, metric, verify_k)
 
@@ -323,7 +359,8 @@ def _options_of_flags(cls: type[AnyConfig], flags: list[str]) -> dict[str, Any]:
 def run_counterfactual(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
     """The generation resampled with the same noise without the members in ``payload["members"]``
     (those trained on any of one owner's works; app.shares.owner_members chose them), the others
-    weighted equally; stores its PNG and its distance to the generation."""
+    the generation's version serves weighted equally; stores its PNG and its distance to the
+    generation."""
     attribution_id, mask = int(job.payload["attribution_id"]), int(job.payload["members"])
     with db.session() as s:
         att = s.get(Attribution, attribution_id)
@@ -333,7 +370,9 @@ def run_counterfactual(db: Database, cache: EngineCache, job: Job, progress: Pro
         assert gen0 is not None
         le = cache.ensemble(s, gen0.ensemble_id)
     n = le.ens.n
-    kept = torch.tensor([0.0 if mask >> i & 1 else 1.0 for i in range(n)], dtype=torch.float64)
+    kept = 1.0 - torch.from_numpy(mask_bits(mask, n)).to(torch.float64)
+    if le.served is not None:  # a version masked by opt-outs serves only its members
+        kept = kept * le.served.to(torch.float64)
     if kept.sum() < 1:
         raise JobError(f"members {mask:#x} leave none of the {n} members")
     gen, f = _ensure_sample(db, le, att.generation_id)
@@ -351,9 +390,21 @@ def run_counterfactual(db: Database, cache: EngineCache, job: Job, progress: Pro
     return result
 
 
+# ---------------------------------------------------------------------------- retrain
+def run_retrain(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
+    """Retrain the members an opt-out dropped from a lineage and serve the result (app.unlearning)."""
+    settings = cache.settings
+    options = RetrainOptions(settings.checkpoint_dir, cache.device, settings.retrain_checkpoint_every)
+    try:
+        return retrain_lineage(db, int(job.payload["lineage_id"]), options, job_id=job.id, progress=progress)
+    except OptOutError as exc:
+        raise JobError(f"retrain: {exc}") from exc
+
+
 RUNNERS: dict[str, Callable[[Database, EngineCache, Job, Progress], dict[str, Any]]] = {
     "generate": run_generate,
     "attribute": run_attribute,
     "validate": run_validate,
     "counterfactual": run_counterfactual,
+    "retrain": run_retrain,
 }

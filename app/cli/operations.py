@@ -5,6 +5,8 @@
     attrib owner add NAME                      a rights holder and their key (printed once)
     attrib key create|revoke|list              API keys
     attrib register --ckpt PATH                a trained ensemble, so the service can use it
+    attrib opt-out WORK [--reason TEXT]        withdraw a training work (masked at once)
+    attrib retrain [--lineage ID]              retrain the members opt-outs dropped, here and now
 
 Configuration comes from the environment (app/settings.py): nothing set means SQLite under ./data.
 """
@@ -12,18 +14,41 @@ Configuration comes from the environment (app/settings.py): nothing set means SQ
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import inspect, select
 
+from app import jobs
 from app.auth import create_key, revoke_key
-from app.cli.common import CLIError, add_json_flag, emit, read_owners_csv
+from app.cli.common import (
+    CLIError,
+    add_device_flag,
+    add_json_flag,
+    device,
+    emit,
+    log,
+    positive_int,
+    read_owners_csv,
+)
 from app.db import Database
 from app.orm import ApiKey, Dataset, EnsembleRow, Owner
+from app.queue import make_celery
 from app.registry import RegistryError, get_or_create_owner, import_dataset, register_ensemble
+from app.schemas import OptOutPublic
 from app.settings import Settings, get_settings
+from app.unlearning import (
+    OptOutError,
+    RetrainOptions,
+    opt_out_work,
+    opt_outs_public,
+    retrain_in_progress,
+    retrain_lineage,
+)
 from models.data import ImageDataset, load_data
 
 OwnersOf = Callable[[ImageDataset], list[str | None] | None]
@@ -193,6 +218,77 @@ def cmd_register(args: argparse.Namespace) -> None:
          f"ensemble {row.name!r} registered (id {row.id}, n={row.n}, k={row.k})")
 
 
+# --------------------------------------------------------------------------- opt-outs
+def opt_out_as_operator(settings: Settings, work_id: int, reason: str) -> OptOutPublic:
+    """What POST /works/{id}/opt-out does for an operator; the retrain job it queues is published
+    (a service's worker runs it; or `attrib retrain` does, without one)."""
+    db = schema_db(settings)
+    try:
+        with db.session() as s:
+            opt, _, job_ids = opt_out_work(s, work_id, None, reason)
+            s.flush()
+            public = opt_outs_public(s, [opt.training_item_id])[opt.training_item_id]
+    except OptOutError as exc:
+        raise CLIError(str(exc)) from exc
+    finally:
+        db.dispose()
+    if job_ids:
+        jobs.enqueue(make_celery(settings), job_ids)
+    return public
+
+
+def cmd_opt_out(args: argparse.Namespace) -> None:
+    public = opt_out_as_operator(get_settings(), args.work, args.reason)
+    emit(args.json, public.model_dump(mode="json"),
+         f"work {public.work_id}: opt-out {public.id}, {public.state}"
+         + "".join(f"\n  ensemble lineage {e.lineage_id}: members {e.members} dropped, serving version "
+                   f"{e.serving_version_id}, retrain job {e.retrain_job_id}" for e in public.ensembles))
+
+
+def retrain_pending(settings: Settings, lineage_id: int | None, on: torch.device) -> list[dict[str, Any]]:
+    """Run the retrain of every lineage whose serving version drops members (or of ``lineage_id``)
+    in this process, as its queued job (claimed, so no worker runs it meanwhile); the results."""
+    db = schema_db(settings)
+    me = f"cli:{socket.gethostname()}:{os.getpid()}"
+    options = RetrainOptions(settings.checkpoint_dir, on, settings.retrain_checkpoint_every)
+    results = []
+    try:
+        with db.session() as s:
+            heads = list(s.scalars(select(EnsembleRow).where(EnsembleRow.status == "ready")))
+            todo = [(h.lineage_id, retrain_in_progress(s, h)) for h in heads
+                    if h.lineage_id is not None and (lineage_id is None or h.lineage_id == lineage_id)
+                    and h.served_members != (1 << h.n) - 1]
+        if lineage_id is not None and not todo:
+            raise CLIError(f"ensemble lineage {lineage_id} has no serving version that drops members")
+        for lineage, job_id in todo:
+            claimed = job_id is not None and jobs.claim(db, job_id, me, settings) is not None
+            if job_id is not None and not claimed:
+                raise CLIError(f"retrain job {job_id} of ensemble lineage {lineage} is running on a worker")
+
+            def beat(p: float, job_id: str | None = job_id) -> None:
+                if job_id is not None:
+                    jobs.heartbeat(db, job_id, me, p)
+
+            log(f"retraining ensemble lineage {lineage} ...")
+            try:
+                results.append(retrain_lineage(db, lineage, options, job_id=job_id, progress=beat))
+            except OptOutError as exc:
+                if job_id is not None:
+                    jobs.fail(db, job_id, str(exc))
+                raise CLIError(str(exc)) from exc
+    finally:
+        db.dispose()
+    return results
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    results = retrain_pending(get_settings(), args.lineage, device(args.device))
+    emit(args.json, {"retrained": results}, "\n".join(
+        f"ensemble lineage {r['lineage_id']}: version {r['ensemble_id']} serves every member again "
+        f"(members {r['retrained_members']} retrained without works {r['withdrawn_works']})"
+        for r in results) or "nothing to retrain")
+
+
 # ---------------------------------------------------------------------------- parser
 def add_parsers(sub: Any) -> None:
     """Register migrate, import, owner, key and register on the `attrib` sub-parser set ``sub``."""
@@ -245,3 +341,22 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--name", default=None, help="ensemble name (default: the file's stem)")
     add_json_flag(r)
     r.set_defaults(func=cmd_register)
+
+    oo = sub.add_parser("opt-out", help="withdraw a training work (exact unlearning)",
+                        description="At once, every ensemble that trained on the work serves from the "
+                                    "members that never saw it; a retrain job (run by a service's worker, or "
+                                    "by 'attrib retrain') then retrains those members without it.")
+    oo.add_argument("work", type=positive_int, help="the work's id (training item id, as GET /works shows)")
+    oo.add_argument("--reason", default="", help="why it is withdrawn (kept with the opt-out)")
+    add_json_flag(oo)
+    oo.set_defaults(func=cmd_opt_out)
+
+    rt = sub.add_parser("retrain", help="retrain the members opt-outs dropped, in this process",
+                        description="For every ensemble serving without the members of withdrawn works (or "
+                                    "--lineage), retrain those members from scratch without them and serve "
+                                    "the result as a new version: what the service's retrain job does.")
+    rt.add_argument("--lineage", type=positive_int, default=None,
+                    help="only this ensemble lineage (its first version's id)")
+    add_device_flag(rt)
+    add_json_flag(rt)
+    rt.set_defaults(func=cmd_retrain)

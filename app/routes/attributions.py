@@ -9,8 +9,16 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.db import Database
-from app.deps import BodyCache, LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
-from app.orm import Attribution, AttributionEntry, Generation, Owner, TrainingItem
+from app.deps import (
+    BodyCache,
+    LimitedOperatorDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    Withdrawals,
+    WriterDep,
+)
+from app.orm import Attribution, AttributionEntry, Generation, OptOut, Owner, TrainingItem
 from app.routes.common import ERRORS, PNG, IdempotencyKey, PathId, Scale, png_response
 from app.routes.lookups import (
     attributions_for,
@@ -58,9 +66,11 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
     rows = s.execute(
         select(AttributionEntry.rank, AttributionEntry.training_item_id, AttributionEntry.score,
                AttributionEntry.exact_score, AttributionEntry.counterfactual_sha, TrainingItem.external_ref,
-               TrainingItem.label, TrainingItem.owner_id, Owner.name.label("owner_name"))
+               TrainingItem.label, TrainingItem.owner_id, Owner.name.label("owner_name"),
+               OptOut.created_at.label("withdrawn_at"))
         .join(TrainingItem, TrainingItem.id == AttributionEntry.training_item_id)
         .outerjoin(Owner, Owner.id == TrainingItem.owner_id)
+        .outerjoin(OptOut, OptOut.training_item_id == AttributionEntry.training_item_id)
         .where(AttributionEntry.attribution_id == att.id)
         .order_by(AttributionEntry.rank)
     ).all()
@@ -69,7 +79,7 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
                            counterfactual_url=f"/attributions/{att.id}/counterfactual/{r.training_item_id}.png",
                            counterfactual_kind="exact" if r.counterfactual_sha else "predicted",
                            external_ref=r.external_ref, label=r.label, owner_id=r.owner_id,
-                           owner_name=r.owner_name) for r in rows]
+                           owner_name=r.owner_name, withdrawn_at=r.withdrawn_at) for r in rows]
     return AttributionPublic(id=att.id, generation_id=att.generation_id, method=att.method, metric=att.metric,
                              top_k=att.top_k, verify_top_k=att.verify_top_k, status=att.status,  # type: ignore[arg-type]
                              agreement=att.agreement, created_at=att.created_at, finished_at=att.finished_at,
@@ -79,13 +89,19 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
 @router.get("/attributions/{attribution_id}", response_model=AttributionPublic,
             summary="A ranking of training works, with owners and exact scores where verified")
 async def get_attribution(attribution_id: PathId, _: OperatorDep, request: Request) -> Response:
-    """A finished ranking never changes, so its JSON is kept (per process) after the first read."""
-    cache: BodyCache = request.app.state.ranking_cache
-    body = cache.get(attribution_id)
+    """A finished ranking never changes, so its JSON is kept (per process) after the first read;
+    only a withdrawal marks its entries (`withdrawn_at`), within `influence_cache_s`."""
+    st = request.app.state
+    withdrawals: Withdrawals = st.withdrawals
+    count = withdrawals.fresh()
+    if count is None:
+        count = await st.reads.run(withdrawals.read, st.db)
+    cache: BodyCache = st.ranking_cache
+    body = cache.get((attribution_id, count))
     if body is None:
-        body, final = await request.app.state.reads.run(_ranking_json, request.app.state.db, attribution_id)
+        body, final = await st.reads.run(_ranking_json, st.db, attribution_id)
         if final:
-            cache.put(attribution_id, body)
+            cache.put((attribution_id, count), body)
     return Response(body, media_type="application/json")
 
 

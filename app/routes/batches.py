@@ -14,11 +14,11 @@ from app.routes.common import ERRORS, IdempotencyKey, PathId, check_limit
 from app.routes.lookups import (
     attributions_for,
     check_attribute_limits,
-    ensemble_for,
     generations_for,
     key_in_use,
     replay,
     sampling_steps,
+    serving_ensemble,
     verified_top_k,
 )
 from app.schemas import AttributeOptions, BatchAccepted, BatchCreate, BatchPublic
@@ -59,7 +59,7 @@ def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Setting
         b = s.get(Batch, old.batch_id)
         assert b is not None
         return BatchAccepted(batch_id=b.id, total=b.total, job_ids=ids), []
-    ens = ensemble_for(tx, body.ensemble_id)
+    ens = serving_ensemble(tx, body.ensemble_id, settings)
     steps = sampling_steps(body.steps, ens, settings)
     options = body.attribute
     batch = Batch(ensemble_id=ens.id, steps=steps, total=len(seeds),

@@ -11,7 +11,7 @@ from app import jobs
 from app.deps import LimitedOperatorDep, OperatorDep, SessionDep, SettingsDep, WriterDep
 from app.orm import Generation, Image
 from app.routes.common import ERRORS, PNG, IdempotencyKey, PathId, Scale, check_limit, png_response
-from app.routes.lookups import ensemble_for, generations_for, key_in_use, replay, sampling_steps
+from app.routes.lookups import generations_for, key_in_use, replay, sampling_steps, serving_ensemble
 from app.schemas import GenerateAccepted, GenerateCreate, GenerationPublic
 from app.settings import Settings
 from app.writer import Tx
@@ -38,7 +38,7 @@ def _generate(tx: Tx, body: GenerateCreate, seeds: list[int], settings: Settings
     old = replay(s, idempotency_key, "generate")
     if old is not None:
         return GenerateAccepted(job_id=old.id, **old.payload["response"])
-    ens = ensemble_for(tx, body.ensemble_id)
+    ens = serving_ensemble(tx, body.ensemble_id, settings)
     steps = sampling_steps(body.steps, ens, settings)
     gens = generations_for(s, ens.id, seeds, steps)
     ids = [g.id for g in gens]

@@ -3,6 +3,7 @@ client should see (404 / 409 / 422). They run inside a writer transaction (``Tx`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -13,11 +14,21 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import dialect_insert, insert_ignore
-from app.orm import Attribution, AttributionEntry, EnsembleRow, Generation, Image, Job, SourceCode, utcnow
+from app.orm import (
+    Attribution,
+    AttributionEntry,
+    EnsembleRow,
+    Generation,
+    Image,
+    Job,
+    SourceCode,
+    utcnow,
+)
 from app.pictures import predicted_counterfactual, to_png
 from app.routes.common import check_limit
 from app.schemas import AttributeOptions
 from app.settings import Settings
+from app.unlearning import head_of, retrain_in_progress
 from app.writer import Tx
 
 CHUNK = 500
@@ -25,21 +36,41 @@ CHUNK = 500
 
 
 def ensemble_for(tx: Tx, ensemble_id: int | None) -> EnsembleRow:
-    """The ensemble asked for (404 if absent, 409 if not ready), or the newest ready one."""
+    """The ensemble asked for (404 if absent, 409 if not ready), or the serving version of the newest
+    registered one. A version superseded (by an opt-out or a retrain) stands for the version of its
+    lineage that serves now."""
     s = tx.s
     if ensemble_id is None:
         row = tx.memo.get("default ensemble")
         if row is None:
             row = tx.memo["default ensemble"] = s.scalar(
-                select(EnsembleRow).where(EnsembleRow.status == "ready").order_by(EnsembleRow.id.desc()))
+                select(EnsembleRow).where(EnsembleRow.status == "ready")
+                .order_by(EnsembleRow.lineage_id.desc(), EnsembleRow.id.desc()))
         if row is None:
             raise HTTPException(404, "no ready ensemble: train and register one (attrib register)")
         return row
     row = s.get(EnsembleRow, ensemble_id)
     if row is None:
         raise HTTPException(404, f"ensemble {ensemble_id} not found")
+    if row.status == "superseded" and row.lineage_id is not None:
+        row = head_of(s, row.lineage_id) or row
     if row.status != "ready":
         raise HTTPException(409, f"ensemble {ensemble_id} is {row.status}, not ready")
+    return row
+
+
+def serving_ensemble(tx: Tx, ensemble_id: int | None, settings: Settings) -> EnsembleRow:
+    """``ensemble_for``, refusing (409, naming the retrain) a version that opt-outs left with fewer
+    served members than ``min_served_fraction`` of n: better no sample than a silently degraded one."""
+    row = ensemble_for(tx, ensemble_id)
+    served = bin(row.served_members).count("1")
+    least = math.ceil(settings.min_served_fraction * row.n)
+    if served < max(1, least):
+        job = retrain_in_progress(tx.s, row)
+        raise HTTPException(409, f"ensemble {row.id} serves {served} of its {row.n} members after opt-outs, "
+                            f"fewer than min_served_fraction={settings.min_served_fraction:g} allows; "
+                            + (f"retrain job {job} is restoring it (GET /jobs/{job})" if job else
+                               "no retrain is running: run 'attrib retrain'"))
     return row
 
 
@@ -172,4 +203,5 @@ def counterfactual_png(s: Session, attribution_id: int, item_id: int) -> bytes:
     if ens is None or code is None or gen.sample is None or gen.jacobian is None:
         raise HTTPException(404, "no counterfactual stored for this entry")
     c, h, w = ens.config["shape"]
-    return to_png(predicted_counterfactual(gen.sample, gen.jacobian, (c, h, w), int(code), ens.n, ens.k))
+    return to_png(predicted_counterfactual(gen.sample, gen.jacobian, (c, h, w), int(code), ens.n, ens.k,
+                                           ens.served_members))

@@ -16,6 +16,7 @@ from app.orm import Attribution, AttributionEntry, Generation, Image, TrainingIt
 from app.routes.common import ERRORS, PNG, Offset, PageSize, PathId, Scale, check_limit, png_response
 from app.routes.lookups import counterfactual_png
 from app.schemas import InfluencePage, InfluencePublic, WorkPage, WorkPublic
+from app.unlearning import opt_outs_public
 
 router = APIRouter(prefix="/works", tags=["rights holder"],
                    responses={k: v for k, v in ERRORS.items() if k != 403} | {
@@ -30,9 +31,11 @@ def own_work(s: Session, p: Principal, work_id: int) -> TrainingItem:
     return item
 
 
-def work_public(t: TrainingItem) -> WorkPublic:
-    return WorkPublic(id=t.id, dataset_id=t.dataset_id, external_ref=t.external_ref, label=t.label,
-                      sha256=t.sha256, image_url=f"/works/{t.id}/image.png")
+def works_public(s: Session, items: list[TrainingItem]) -> list[WorkPublic]:
+    opt_outs = opt_outs_public(s, [t.id for t in items])
+    return [WorkPublic(id=t.id, dataset_id=t.dataset_id, external_ref=t.external_ref, label=t.label,
+                       sha256=t.sha256, image_url=f"/works/{t.id}/image.png", opt_out=opt_outs.get(t.id))
+            for t in items]
 
 
 @router.get("", response_model=WorkPage, summary="Your works")
@@ -42,12 +45,13 @@ def list_works(p: OwnerDep, s: SessionDep, settings: SettingsDep, offset: Offset
     q = select(TrainingItem).where(TrainingItem.owner_id == p.owner_id)
     total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
     items = s.scalars(q.order_by(TrainingItem.id).offset(offset).limit(limit_))
-    return WorkPage(items=[work_public(t) for t in items], total=total, offset=offset, limit=limit_)
+    return WorkPage(items=works_public(s, list(items)), total=total, offset=offset, limit=limit_)
 
 
 @router.get("/{work_id}", response_model=WorkPublic, summary="One of your works")
 def get_work(work_id: PathId, p: OwnerDep, s: SessionDep) -> WorkPublic:
-    return work_public(own_work(s, p, work_id))
+    """With its opt-out, if you withdrew it (POST /works/{id}/opt-out)."""
+    return works_public(s, [own_work(s, p, work_id)])[0]
 
 
 @router.get("/{work_id}/image.png", responses=PNG, response_class=Response, summary="Your work's image")

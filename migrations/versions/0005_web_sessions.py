@@ -1,7 +1,7 @@
 """web sessions (the rights holders' pages) and owner-level counterfactual jobs
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-02 10:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -43,12 +43,12 @@ def upgrade() -> None:
     with op.batch_alter_table("web_session", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_web_session_key_id"), ["key_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_web_session_expires_at"), ["expires_at"], unique=False)
-    _kinds("'generate', 'attribute', 'validate', 'counterfactual'")
+    _kinds("'generate', 'attribute', 'validate', 'retrain', 'counterfactual'")
 
 
 def downgrade() -> None:
     op.execute("DELETE FROM job WHERE kind = 'counterfactual'")
-    _kinds("'generate', 'attribute', 'validate'")
+    _kinds("'generate', 'attribute', 'validate', 'retrain'")
     with op.batch_alter_table("web_session", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_web_session_expires_at"))
         batch_op.drop_index(batch_op.f("ix_web_session_key_id"))

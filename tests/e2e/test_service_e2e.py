@@ -5,7 +5,8 @@ for a (ensemble, seed, steps), the PNG bytes the engine gives in this process: s
 give byte-identical images, whichever of the two tests runs (each checks on its own).
 
 generate -> attribute (exact verification of the top 3) -> a rights holder finds the
-generation under their work's influence -> a validation job (fidelity of the served ensemble).
+generation under their work's influence -> a validation job (fidelity of the served ensemble)
+-> the holder withdraws the work: served at once without its members, retrained by a worker.
 """
 
 from __future__ import annotations
@@ -95,8 +96,34 @@ def run_flow(env: dict[str, str], cli_ckpt: Path, tmp: Path, separate_workers: i
             assert v["report"]["per_sample"][0]["candidates"] == 60 and v["report"]["k"] == 3
             assert c.get(v["figures"]["fidelity.png"], headers=op).content[:4] == b"\x89PNG"
 
+            # Opt-out: at once new generations come from a version without the work's members; a
+            # worker retrains them and serves the restored version; new rankings leave the work out.
+            work = top["training_item_id"]
+            r = c.post(f"/works/{work}/opt-out", json={"reason": "e2e"}, headers=key)
+            assert r.status_code == 202, r.text
+            opt = r.json()
+            [eff] = opt["ensembles"]
+            assert eff["trained_version_id"] == ens_id and len(eff["members"]) == 4
+            r = c.post("/generate", json={"seeds": [0]}, headers=op)
+            assert r.status_code == 202 and r.json()["ensemble_id"] != ens_id  # masked, or already restored
+            assert wait_job(c, r.json()["job_id"], op)["status"] == "succeeded"
+            assert wait_job(c, eff["retrain_job_id"], op)["status"] == "succeeded"
+            done = c.get(f"/opt-outs/{opt['id']}", headers=key).json()
+            assert done["state"] == "restored" and done["ensembles"][0]["serving_version_id"] == \
+                done["ensembles"][0]["restored_version_id"]
+            r = c.post("/generate", json={"seeds": [0]}, headers=op)
+            assert r.json()["ensemble_id"] == done["ensembles"][0]["restored_version_id"]
+            assert wait_job(c, r.json()["job_id"], op)["status"] == "succeeded"
+            new_gen = r.json()["generation_ids"][0]
+            r = c.post("/attribute", json={"generation_id": new_gen, "top_k": 59}, headers=op)
+            assert wait_job(c, r.json()["job_id"], op)["status"] == "succeeded"
+            ranked = c.get(f"/attributions/{r.json()['attribution_id']}", headers=op).json()["entries"]
+            assert work not in [e["training_item_id"] for e in ranked]
+            assert c.get(f"/generations/{gen_ids[0]}", headers=op).json()["ensemble_id"] == ens_id
+
             m = c.get("/metrics").text
-            assert 'attrib_jobs{kind="attribute",status="succeeded"} 1.0' in m
+            assert 'attrib_jobs{kind="attribute",status="succeeded"} 2.0' in m
+            assert 'attrib_jobs{kind="retrain",status="succeeded"} 1.0' in m
             assert 'attrib_jobs{kind="validate",status="succeeded"} 1.0' in m
     finally:
         stop(procs)

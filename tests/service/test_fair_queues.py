@@ -128,14 +128,22 @@ def test_a_busy_worker_never_floods_the_broker(make_service: Callable[..., Servi
             s.execute(update(Job).where(Job.id == busy).values(heartbeat_at=now))
         resent += jobs.requeue_lost(svc.db, celery, svc.settings, now)
         depths.append(broker_depth(celery, INTERACTIVE))
-    assert resent == [lost]
+    # One message re-sent, once, for the one lost. Which job lacks its message the broker cannot
+    # say (a batch's jobs were sent at the same instant): the longest waiting is re-sent, which
+    # may be another job; then the lost one is re-sent by a sweep once that duplicate is read.
+    assert lost in queued and len(resent) == 1
     assert max(depths) <= 200 and depths[-1] == 200
     with svc.db.session() as s:
         s.execute(update(Job).where(Job.id == busy).values(status="succeeded"))
     runs: Counter[str] = Counter()
-    while (jid := _take(celery, INTERACTIVE)) is not None:
-        if execute_job(jid, svc.worker) == "succeeded":
-            runs[jid] += 1
+    later = t0 + timedelta(seconds=5 * 61)
+    for _ in range(3):
+        while (jid := _take(celery, INTERACTIVE)) is not None:
+            if execute_job(jid, svc.worker) == "succeeded":
+                runs[jid] += 1
+        later += timedelta(seconds=10 * svc.settings.requeue_after_s)
+        if not jobs.requeue_lost(svc.db, celery, svc.settings, later):
+            break
     assert runs == Counter(queued)
     with svc.db.session() as s:
         rows = s.execute(select(Job.status, Job.attempts).where(Job.id.in_(queued)))

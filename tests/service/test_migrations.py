@@ -109,9 +109,9 @@ def test_job_queues_migration(url: str) -> None:
 
 
 def test_web_sessions_migration(url: str) -> None:
-    """0003 -> 0005 adds web_session and admits kind 'counterfactual'; back to 0003 drops both
+    """0004 -> 0005 adds web_session and admits kind 'counterfactual'; back to 0004 drops both
     (the counterfactual jobs with it) and keeps the other jobs."""
-    migrate.upgrade(url, "0003")
+    migrate.upgrade(url, "0004")
     engine = create_engine(url)
     with engine.begin() as c:
         _job(c, "old", "attribute")
@@ -123,8 +123,39 @@ def test_web_sessions_migration(url: str) -> None:
         _job(c, "cf1", "counterfactual")
         c.execute(text("INSERT INTO web_session (token_hash, csrf_token, created_at, expires_at) "
                        "VALUES ('h', 't', '2026-01-01', '2026-01-02')"))
-    migrate.downgrade(url, "0003")
+    migrate.downgrade(url, "0004")
     assert "web_session" not in inspect(engine).get_table_names()
     with engine.begin() as c:
         assert c.execute(text("SELECT id FROM job")).scalars().all() == ["old"]
+    engine.dispose()
+
+
+def test_opt_outs_migration(url: str) -> None:
+    """0003 -> 0004: every ensemble becomes the first version of its own lineage serving all its
+    members; kind 'retrain' and status 'superseded' are admitted; back to 0003 drops the retrain
+    jobs and retires superseded versions."""
+    migrate.upgrade(url, "0003")
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO dataset (id, name, channels, height, width, item_count, spec, "
+                       "fingerprint, created_at) VALUES (1, 'd', 1, 8, 8, 60, '{}', 'f', '2026-01-01')"))
+        for eid, n in ((1, 8), (2, 40)):
+            c.execute(text("INSERT INTO ensemble (id, name, dataset_id, n, k, \"T\", config, granularity, "
+                           "checkpoint, status, created_at) VALUES (:id, :name, 1, :n, 4, 20, '{}', 'item', "
+                           "'x.pt', 'ready', '2026-01-01')"), {"id": eid, "name": f"e{eid}", "n": n})
+    migrate.upgrade(url, "0004")
+    with engine.begin() as c:
+        rows = c.execute(text("SELECT id, lineage_id, parent_id, served_members, withdrawn FROM ensemble "
+                              "ORDER BY id")).all()
+        assert [(r[0], r[1], r[2], r[3]) for r in rows] == [(1, 1, None, 255), (2, 2, None, 2**40 - 1)]
+        assert [r[4] in ([], "[]") for r in rows] == [True, True]
+        _job(c, "r1", "retrain")
+        with pytest.raises(IntegrityError), c.begin_nested():
+            _job(c, "x", "bogus")
+        c.execute(text("UPDATE ensemble SET status = 'superseded' WHERE id = 1"))
+    migrate.downgrade(url, "0003")
+    with engine.begin() as c:
+        assert c.execute(text("SELECT id FROM job")).scalars().all() == []
+        statuses = c.execute(text("SELECT status FROM ensemble ORDER BY id")).scalars().all()
+        assert statuses == ["retired", "ready"]
     engine.dispose()
