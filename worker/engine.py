@@ -217,15 +217,21 @@ def _ensure_jacobian(db: Database, le: LoadedEnsemble, gen: Generation) -> torch
     return J
 
 
+def _attribution_and_ensemble(s: Session, cache: EngineCache, attribution_id: int
+                              ) -> tuple[Attribution, LoadedEnsemble]:
+    """An attribution and the loaded ensemble (version) of its generation; JobError if it is gone."""
+    att = s.get(Attribution, attribution_id)
+    if att is None:
+        raise JobError(f"attribution {attribution_id} does not exist")
+    gen = s.get(Generation, att.generation_id)
+    assert gen is not None
+    return att, cache.ensemble(s, gen.ensemble_id)
+
+
 def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress) -> dict[str, Any]:
     attribution_id = int(job.payload["attribution_id"])
     with db.session() as s:
-        att = s.get(Attribution, attribution_id)
-        if att is None:
-            raise JobError(f"attribution {attribution_id} does not exist")
-        gen0 = s.get(Generation, att.generation_id)
-        assert gen0 is not None
-        le = cache.ensemble(s, gen0.ensemble_id)
+        att, le = _attribution_and_ensemble(s, cache, attribution_id)
         method, metric, top_k, verify_k = att.method, att.metric, att.top_k, att.verify_top_k
         att.status = "running"
         withdrawn = set(s.scalars(select(OptOut.training_item_id)))
@@ -237,7 +243,7 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
     cfg = AttributionConfig(top_k=top_k, metric=metric, rerank=max(top_k, cache.settings.lpips_rerank),
                             verify_top_k=verify_k)
     lp = cache.lpips() if metric == "lpips" else None
-    gen, f = _ensure_sample(db, le, gen0.id)
+    gen, f = _ensure_sample(db, le, att.generation_id)
     progress(0.1)
     tape = make_tape([gen.seed], le.ens.shape, gen.steps)
     f = f.to(cache.device)
@@ -363,12 +369,7 @@ def run_counterfactual(db: Database, cache: EngineCache, job: Job, progress: Pro
     generation."""
     attribution_id, mask = int(job.payload["attribution_id"]), int(job.payload["members"])
     with db.session() as s:
-        att = s.get(Attribution, attribution_id)
-        if att is None:
-            raise JobError(f"attribution {attribution_id} does not exist")
-        gen0 = s.get(Generation, att.generation_id)
-        assert gen0 is not None
-        le = cache.ensemble(s, gen0.ensemble_id)
+        att, le = _attribution_and_ensemble(s, cache, attribution_id)
     n = le.ens.n
     kept = 1.0 - torch.from_numpy(mask_bits(mask, n)).to(torch.float64)
     if le.served is not None:  # a version masked by opt-outs serves only its members
