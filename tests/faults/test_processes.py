@@ -138,6 +138,32 @@ def test_worker_killed_mid_generation_and_mid_attribution(stack: Stack, cli_ckpt
     assert st.sql("SELECT count(*) FROM attribution_entry")[0][0] == 5
 
 
+def test_worker_killed_mid_retrain_resumes_and_finishes_once(stack: Stack) -> None:
+    """An opt-out's retrain job, its worker SIGKILLed right after the retrain saved its first
+    state: the job is re-sent (stale), a new worker process resumes it and it finishes once,
+    with one restored version serving."""
+    st = stack
+    st.env["ATTRIB_RETRAIN_CHECKPOINT_EVERY"] = "5"  # workers read it: a state every 5 steps
+    st.add_worker()
+    work_id = st.sql("SELECT min(id) FROM training_item")[0][0]
+    r = st.c.post(f"/works/{work_id}/opt-out", json={"reason": "fault test"}, headers=st.op)
+    assert r.status_code == 202, r.text
+    opt_out_id = r.json()["id"]
+    [(job_id,)] = st.sql("SELECT id FROM job WHERE kind = 'retrain'")
+    states = Path(st.env["ATTRIB_DATA_DIR"]) / "ensembles"
+    wait_until(lambda: any(states.glob("retrain-*.state.pt")), 120, every=0.01)
+    pid = _running_pid(st, job_id)
+    assert pid is not None, st.job(job_id)  # still running: killed mid-retrain
+    os.kill(pid, signal.SIGKILL)
+    job = wait_job(st.c, job_id, st.op, 180)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    state = st.c.get(f"/opt-outs/{opt_out_id}", headers=st.op).json()
+    assert state["state"] == "restored", state
+    rows = st.sql("SELECT status, count(*) FROM ensemble GROUP BY status ORDER BY status")
+    assert rows == [("ready", 1), ("superseded", 2)], rows  # first, masked, restored (serving)
+    assert st.sql("SELECT count(*) FROM job WHERE kind = 'retrain'")[0][0] == 1
+
+
 def test_a_job_that_kills_its_worker_every_time_fails_for_good(stack: Stack) -> None:
     st = stack
     st.add_worker()
