@@ -240,7 +240,7 @@ def retrain_lineage(
             head_id, checkpoint, withdrawn = head.id, head.checkpoint, list(head.withdrawn)
             full = (1 << head.n) - 1
             if head.served_members == full:
-                result = _result(lineage_id, head_id, head_id, [], withdrawn)
+                result = _result(lineage_id, head_id, head_id, [], withdrawn, 0)
                 if job_id is not None:
                     jobs.finish(s, job_id, result)
                 return result
@@ -333,7 +333,8 @@ def retrain_lineage(
                     )
                     .values(state="restored", restored_version_id=version.id, restored_at=utcnow())
                 )
-                result = _result(lineage_id, head_id, version.id, list(plan.members), withdrawn)
+                result = _result(lineage_id, head_id, version.id, list(plan.members), withdrawn,
+                                 int((new.train_state or {}).get("resumed_from", 0)))
                 if job_id is not None:
                     jobs.finish(s, job_id, result)
         state_path.unlink(missing_ok=True)
@@ -348,7 +349,8 @@ def _still_serving(db: Database, version_id: int) -> bool:
 
 
 def _result(
-    lineage_id: int, parent_id: int, version_id: int, members: list[int], withdrawn: list[int]
+    lineage_id: int, parent_id: int, version_id: int, members: list[int], withdrawn: list[int],
+    resumed_from: int,
 ) -> dict[str, Any]:
     return {
         "lineage_id": lineage_id,
@@ -356,6 +358,7 @@ def _result(
         "ensemble_id": version_id,
         "retrained_members": members,
         "withdrawn_works": withdrawn,
+        "resumed_from_step": resumed_from,  # 0: trained from the start in one run
     }
 
 

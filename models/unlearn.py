@@ -105,7 +105,8 @@ def retrain(
     changed.
 
     x_all: (N, C, H, W) float in [-1, 1], the training items. Returns the new ensemble: the same
-    members elsewhere (parameters copied unchanged), the code book with the sources withdrawn.
+    members elsewhere (parameters copied unchanged), the code book with the sources withdrawn;
+    its train_state says the step the run resumed from (``resumed_from``, 0 for a fresh start).
     """
     book = ens.codebook.withdraw(plan.withdrawn)
     if not plan.members:
@@ -138,7 +139,8 @@ def retrain(
         book,
         ens.dataset,
         ens.preset,
-        {"step": final["step"], "config": final["config"], "retrained": members},
+        {"step": final["step"], "config": final["config"], "retrained": members,
+         "resumed_from": int(state["step"]) if state is not None else 0},
     )
 
 

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from sqlalchemy import create_engine, text
 from app import jobs, migrate
 from app.auth import create_key
 from app.db import Database
+from app.orm import utcnow
 from app.queue import make_celery
 from app.registry import import_dataset, register_ensemble
 from app.settings import Settings
@@ -157,6 +159,7 @@ def test_worker_killed_mid_retrain_resumes_and_finishes_once(stack: Stack) -> No
     os.kill(pid, signal.SIGKILL)
     job = wait_job(st.c, job_id, st.op, 180)
     assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    assert job["result"]["resumed_from_step"] >= 5, job  # from the saved state, not from scratch
     state = st.c.get(f"/opt-outs/{opt_out_id}", headers=st.op).json()
     assert state["state"] == "restored", state
     rows = st.sql("SELECT status, count(*) FROM ensemble GROUP BY status ORDER BY status")
@@ -189,11 +192,11 @@ def test_a_job_that_kills_its_worker_every_time_fails_for_good(stack: Stack) -> 
     assert "gave up after 3 attempts" in job["error"]
     # Never retried again: the reaper's sweep, run here as if every cut-off had passed long ago
     # (no waiting for its periods), leaves a job that failed for good alone.
-    late = Settings(database_url=st.env["DATABASE_URL"], broker_url=st.env["BROKER_URL"],
-                    requeue_after_s=0, stale_after_s=0)
-    database = Database(late.database_url)
+    settings = Settings(database_url=st.env["DATABASE_URL"], broker_url=st.env["BROKER_URL"])
+    database = Database(settings.database_url)
     try:
-        assert job_id not in jobs.requeue_lost(database, make_celery(late), late)
+        a_day_later = utcnow() + timedelta(days=1)
+        assert job_id not in jobs.requeue_lost(database, make_celery(settings), settings, a_day_later)
     finally:
         database.dispose()
     again = st.job(job_id)
