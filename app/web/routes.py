@@ -8,8 +8,9 @@ routes' functions, so both say the same thing.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -114,16 +115,29 @@ async def web_user(request: Request) -> WebUser:
 
 async def cached_page(request: Request, build: Callable[[], Awaitable[Response]]) -> Response:
     """A holder's page as ``build`` renders it, reused for ``influence_cache_s`` per session and
-    URL (as GET /works/{id}/influence is): a new attribution shows up within that time."""
+    URL (as GET /works/{id}/influence is): a new attribution shows up within that time. While one
+    request renders a page, the others asking for it wait for that rendering instead of each
+    rendering it again (when the page expires under load, all its readers miss at once)."""
     cache: BodyCache = request.app.state.web_pages
+    rendering: dict[Hashable, asyncio.Future[bytes | None]] = request.app.state.web_pages_rendering
     key = (hash_key(request.cookies.get(sessions.COOKIE, "")), request.url.path, request.url.query)
     body = cache.get(key)
+    if body is None and key in rendering:
+        body = await asyncio.shield(rendering[key])
     if body is not None:
         return secured(HTMLResponse(body))
-    resp = await build()
-    if resp.status_code == 200:
-        cache.put(key, bytes(resp.body))
-    return resp
+    done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+    rendering[key] = done
+    body = None
+    try:
+        resp = await build()
+        if resp.status_code == 200:
+            body = bytes(resp.body)
+            cache.put(key, body)
+        return resp
+    finally:
+        done.set_result(body)  # None: the waiting requests render it themselves (an error page)
+        rendering.pop(key, None)
 
 
 async def holder(user: Annotated[WebUser, Depends(web_user)]) -> WebUser:
@@ -493,6 +507,7 @@ def install(app: FastAPI) -> None:
     app.mount("/web/static", StaticFiles(directory=HERE / "static"), name="web-static")
     app.mount("/docs/assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
     app.include_router(router)
+    app.state.web_pages_rendering = {}  # cached_page: key -> the rendering in progress
     app.add_api_route("/docs", docs, include_in_schema=False, response_class=HTMLResponse)
     for exc in (SignInRequired, PageNotFound, FormRefused):
         app.add_exception_handler(exc, _page_for)

@@ -4,13 +4,18 @@ anything not the holder's, expiry and revocation, operator pages, security heade
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
+from typing import Any
 
+import httpx
+import pytest
 from sqlalchemy import select, update
 
 from app.auth import revoke_key
 from app.orm import ApiKey, TrainingItem, WebSession
+from app.web import routes as web_routes
 from tests.service.attributed import attribute_seeds, csrf_of, sign_in
 from tests.service.conftest import Service
 
@@ -159,3 +164,30 @@ def test_sessions_and_holder_pages_are_reused_for_their_cache_times(
     token = csrf_of(c.get("/web/works").text)
     assert c.post("/web/sign-out", data={"csrf_token": token}, follow_redirects=False).status_code == 303
     assert c.get("/web/works", follow_redirects=False).status_code == 303  # at once, within the TTL
+
+
+def test_readers_of_an_expired_page_wait_for_one_rendering(svc: Service,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten requests for the same page at once: it is rendered once, and all get its bytes."""
+    sign_in(svc.client, svc.owner_keys["alice"])
+    cookie = svc.client.cookies.get("attrib_session")
+    assert cookie is not None
+    renders: list[str] = []
+    real_render = web_routes.render
+
+    def counted(request: Any, template: str, *args: Any, **kwargs: Any) -> Any:
+        renders.append(template)
+        return real_render(request, template, *args, **kwargs)
+
+    monkeypatch.setattr(web_routes, "render", counted)
+
+    async def many() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=svc.client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     cookies={"attrib_session": cookie}) as c:
+            return await asyncio.gather(*(c.get("/web/works?page=1") for _ in range(10)))
+
+    answers = asyncio.run(many())
+    assert [r.status_code for r in answers] == [200] * 10
+    assert len({r.text for r in answers}) == 1
+    assert renders == ["gallery.html"]
