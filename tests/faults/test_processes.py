@@ -320,9 +320,13 @@ def _api_processes(serve_pid: int) -> list[int]:
 
 def healthz_by_process(metrics_dir: Path, pids: list[int]) -> dict[int, float]:
     """GET /healthz answered (200) by each API process, read from that process's own counter file
-    (prometheus_client's multiprocess mode keeps one per process, counter_<pid>.db)."""
+    (prometheus_client's multiprocess mode keeps one per process, counter_<pid>.db; a process
+    still starting has none yet: it has answered nothing)."""
     out = {}
     for pid in pids:
+        if not (metrics_dir / f"counter_{pid}.db").exists():
+            out[pid] = 0.0
+            continue
         with tempfile.TemporaryDirectory() as alone:
             shutil.copy(metrics_dir / f"counter_{pid}.db", alone)
             registry = CollectorRegistry()
