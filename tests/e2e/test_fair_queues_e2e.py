@@ -10,13 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import migrate
-from app.auth import create_key
-from app.db import Database
-from app.registry import import_dataset, register_ensemble
 from app.settings import Settings
-from models.ensemble import Ensemble
-from tests.faults.test_processes import cli_dataset
+from tests.faults.test_processes import populate
 from tests.procs import serve, stop, wait_job, wait_until
 
 pytestmark = pytest.mark.slow
@@ -27,13 +22,7 @@ def test_interactive_jobs_finish_while_a_long_one_runs(base_env: dict[str, str],
                                                        tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     settings.data_dir.mkdir()
-    migrate.upgrade(settings.database_url)
-    db = Database(settings.database_url)
-    with db.session() as s:
-        import_dataset(s, cli_dataset(), "digits-60", {"data": "digits", "subset": 60})
-        register_ensemble(s, Ensemble.load(cli_ckpt), cli_ckpt, "tiny")
-        op = {"Authorization": f"Bearer {create_key(s, None, 'fair')[1]}"}
-    db.dispose()
+    op = populate(settings.database_url, cli_ckpt, "fair")
     env = {**base_env, "ATTRIB_RATE_LIMIT_PER_MINUTE": "0"}
     proc, url = serve(env, tmp_path)
     try:

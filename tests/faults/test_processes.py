@@ -73,21 +73,26 @@ def cli_dataset() -> ImageDataset:
     return load_digits().sample(60, 0)  # what `attrib train --data digits --subset 60` trained on
 
 
+def populate(database_url: str, cli_ckpt: Path, key_name: str) -> dict[str, str]:
+    """Schema, the 60 digits as works, the CLI-trained ensemble registered and an operator key
+    (in-process: the CLI path is covered by tests/e2e); returns the key's Authorization header."""
+    migrate.upgrade(database_url)
+    database = Database(database_url)
+    with database.session() as s:
+        import_dataset(s, cli_dataset(), "digits-60", {"data": "digits", "subset": 60})
+        register_ensemble(s, Ensemble.load(cli_ckpt), cli_ckpt, "tiny")
+        op = {"Authorization": f"Bearer {create_key(s, None, key_name)[1]}"}
+    database.dispose()
+    return op
+
+
 @pytest.fixture
 def stack(base_env: dict[str, str], cli_ckpt: Path, tmp_path: Path) -> Iterator[Stack]:
-    tiny_dataset = cli_dataset()
     r_url = redis_url(db=10)
     redis_lib.Redis.from_url(r_url).flushdb()
     with fresh_postgres() as db:
         env = {**base_env, **FAST_RECOVERY, "DATABASE_URL": db, "BROKER_URL": r_url}
-        # Set up in-process (the CLI path is covered by tests/e2e): schema, works, ensemble, key.
-        migrate.upgrade(db)
-        database = Database(db)
-        with database.session() as s:
-            import_dataset(s, tiny_dataset, "digits-60", {"data": "digits", "subset": 60})
-            register_ensemble(s, Ensemble.load(cli_ckpt), cli_ckpt, "tiny")
-            op = {"Authorization": f"Bearer {create_key(s, None, 'faults')[1]}"}
-        database.dispose()
+        op = populate(db, cli_ckpt, "faults")
         api, url = serve(env, tmp_path, workers=0)
         st = Stack(env, tmp_path, url, op)
         st.procs.append(api)

@@ -14,15 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app import migrate
-from app.auth import create_key
 from app.db import Database
 from app.main import create_app
 from app.orm import Job
-from app.registry import import_dataset, register_ensemble
 from app.settings import Settings
-from models.ensemble import Ensemble
-from tests.faults.test_processes import cli_dataset
+from tests.faults.test_processes import populate
 from tests.procs import stop, wait_until, worker
 
 pytestmark = pytest.mark.slow
@@ -35,12 +31,8 @@ def embedded(base_env: dict[str, str], cli_ckpt: Path, tmp_path: Path) -> Iterat
     settings = Settings(data_dir=tmp_path / "data", reaper_interval_s=0, rate_limit_per_minute=0,
                         max_seeds_per_request=64)
     settings.data_dir.mkdir()
-    migrate.upgrade(settings.database_url)
+    op = populate(settings.database_url, cli_ckpt, "stop")
     db = Database(settings.database_url)
-    with db.session() as s:
-        import_dataset(s, cli_dataset(), "digits-60", {"data": "digits", "subset": 60})
-        register_ensemble(s, Ensemble.load(cli_ckpt), cli_ckpt, "tiny")
-        op = {"Authorization": f"Bearer {create_key(s, None, 'stop')[1]}"}
     with TestClient(create_app(settings)) as client:
         client.headers.update(op)
         yield client, db, op
