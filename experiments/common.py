@@ -253,11 +253,10 @@ def prepare(config: ExperimentConfig, out_dir: Path, *, granularity: str, device
     else:
         ens, ds, extra = _train(config, config.ensemble, out_dir, granularity, device, progress, log, codes,
                                 exclude_classes)
-    steps = config.steps or ens.schedule.T
-    if not 1 <= steps <= ens.schedule.T:
-        raise ExperimentError(f"--steps must be in 1..{ens.schedule.T} (the ensemble's T)")
-    if config.samples < 1:
-        raise ExperimentError("--samples must be >= 1")
+    try:
+        steps = ens.schedule.sampling_steps(config.steps)
+    except ValueError as exc:
+        raise ExperimentError(f"--{exc}") from exc
     tape = make_tape(range(config.seed_start, config.seed_start + config.samples), ens.shape, steps)
     return Setup(ens, ds, ensemble_info(ens, ds, extra), tape, steps)
 

@@ -38,10 +38,17 @@ class NoiseSchedule:
         ab = self.alpha_bar.to(device=x_0.device)[t].to(x_0.dtype)[..., None, None, None]
         return ab.sqrt() * x_0 + (1.0 - ab).sqrt() * eps
 
+    def sampling_steps(self, requested: int | None) -> int:
+        """The steps to sample with: T when none are asked for; fewer are respaced, and outside
+        1..T is a ValueError."""
+        steps = self.T if requested is None else requested
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in 1..{self.T} (the schedule's T), got {steps}")
+        return steps
+
     def timesteps(self, steps: int) -> list[int]:
         """The ``steps`` timesteps (descending, T-1 ... 0) a respaced sampler visits."""
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"steps must be in 1..T={self.T}, got {steps}")
+        self.sampling_steps(steps)
         if steps == 1:
             return [self.T - 1]
         ts = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().tolist()

@@ -47,10 +47,10 @@ def load_ensemble(path: str | Path, on: torch.device) -> Ensemble:
 
 def sampling_steps(requested: int | None, ens: Ensemble) -> int:
     """``--steps``: the ensemble's T when not given; fewer are respaced, more are refused."""
-    steps = requested or ens.schedule.T
-    if not 1 <= steps <= ens.schedule.T:
-        raise CLIError(f"--steps must be in 1..{ens.schedule.T} (the ensemble's T)")
-    return steps
+    try:
+        return ens.schedule.sampling_steps(requested)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}") from exc
 
 
 def read_owners_csv(path: str | Path, num_items: int) -> list[str]:
