@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -243,9 +244,10 @@ class Generation(Base):
 class Attribution(Base):
     __tablename__ = "attribution"
     __table_args__ = (
-        UniqueConstraint("generation_id", "method", "metric", "top_k", "verify_top_k"),
+        UniqueConstraint("generation_id", "method", "metric", "top_k", "verify_top_k", "score"),
         CheckConstraint("method IN ('synthetic', 'exact')", name="method"),
         CheckConstraint("metric IN ('l2', 'lpips')", name="metric"),
+        CheckConstraint("score IN ('influence', 'resemblance')", name="score"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     generation_id: Mapped[int] = mapped_column(ForeignKey("generation.id", ondelete="CASCADE"), index=True)
@@ -253,17 +255,26 @@ class Attribution(Base):
     metric: Mapped[str] = mapped_column(String(16))
     top_k: Mapped[int] = mapped_column(Integer)
     verify_top_k: Mapped[int] = mapped_column(Integer, default=0)
+    score: Mapped[str] = mapped_column(String(16), default="influence", server_default="influence")
     status: Mapped[str] = mapped_column(String(16), default="pending")
     agreement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # attributable: the top source survives the multiple-testing correction (None: not measured);
+    # significance: how that was decided (models.attribute.Significance); near_copy: the copy check
+    # (models.copies.CopyCheck), copy_of_item_id: the work it is a near-copy of
+    attributable: Mapped[bool | None] = mapped_column(Boolean)
+    significance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    near_copy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    copy_of_item_id: Mapped[int | None] = mapped_column(ForeignKey("training_item.id", ondelete="SET NULL"))
     job_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class AttributionEntry(Base):
-    """One ranked training item. score: synthetic (or exact, for method=exact) distance between
-    the sample and its counterfactual; exact_score where verified; counterfactual_sha: the
-    exact counterfactual's PNG where one was computed."""
+    """One ranked training item. score: the attribution's ranking score (influence or resemblance),
+    synthetic (or exact, for method=exact); exact_score where verified; both scores and the decoy
+    p-value, synthetic and exact, beside it; counterfactual_sha: the exact counterfactual's PNG
+    where one was computed."""
 
     __tablename__ = "attribution_entry"
     __table_args__ = (
@@ -277,6 +288,15 @@ class AttributionEntry(Base):
     rank: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
     exact_score: Mapped[float | None] = mapped_column(Float)
+    influence: Mapped[float | None] = mapped_column(Float)
+    exact_influence: Mapped[float | None] = mapped_column(Float)
+    resemblance: Mapped[float | None] = mapped_column(Float)
+    exact_resemblance: Mapped[float | None] = mapped_column(Float)
+    p_value: Mapped[float | None] = mapped_column(Float)
+    exact_p_value: Mapped[float | None] = mapped_column(Float)
+    # in an attributable attribution, its p-value survives the correction too; False in one that is
+    # not attributable (its shares: none); None where not measured (app.shares)
+    significant: Mapped[bool | None] = mapped_column(Boolean)
     counterfactual_sha: Mapped[str | None] = mapped_column(ForeignKey("image.sha256"))
 
 

@@ -119,17 +119,27 @@ class GenerateAccepted(BaseModel):
 class AttributeOptions(_In):
     method: Literal["synthetic", "exact"] = Field(
         "synthetic",
-        description="synthetic: one Jacobian ranks every source (fast); exact: one "
-        "counterfactual sampling run per source (slow, exact)",
+        description="synthetic: one Jacobian ranks every source, and the top verify_top_k are re-ranked "
+        "by exact counterfactuals (the default); exact: one counterfactual sampling run per source "
+        "(slow, exact, no p-values)",
     )
-    metric: Literal["l2", "lpips"] = Field("l2", description="distance between sample and counterfactual")
+    metric: Literal["l2", "lpips"] = Field("l2", description="distance between sample and counterfactual "
+                                           "for influence (resemblance is always pixel L2)")
+    score: Literal["influence", "resemblance"] | None = Field(
+        None,
+        description="what ranks: resemblance, how much further from the work's own image the generation "
+        "moves when the members trained on it are removed (d(cf, x) - d(f, x)); or influence, the paper's "
+        "distance between the generation and that counterfactual (||cf - f||). Both are reported either "
+        "way. Default: the service's default_score for metric l2 (resemblance unless configured), "
+        "influence for metric lpips",
+    )
     top_k: int = Field(10, ge=1, description="sources reported; at most max_top_k")
-    verify_top_k: int = Field(
-        0,
+    verify_top_k: int | None = Field(
+        None,
         ge=0,
-        description="exact counterfactuals for the top K of a synthetic "
-        "ranking (at most max_verify_top_k; more than top_k verifies all top_k; "
-        "ignored for method=exact)",
+        description="how many of the synthetic top sources get an exact counterfactual and are re-ranked "
+        "by their exact values (may exceed top_k; at most max_verify_top_k; default default_verify_top_k, "
+        "fewer when the ensemble has fewer sources; ignored for method=exact)",
     )
 
 
@@ -184,17 +194,30 @@ class GenerationPublic(BaseModel):
 
 
 class EntryPublic(BaseModel):
-    rank: int = Field(description="1 = most influential")
+    rank: int = Field(description="1 = first by the attribution's score (exact values where verified)")
     training_item_id: int = Field(description="the training work (GET /works/{id} for its owner)")
     external_ref: str = Field(description="the work's reference in its dataset (file name, index)")
     label: int | None = Field(description="the work's class label, if the dataset has labels")
     owner_id: int | None = Field(description="the rights holder owning the work, if any")
     owner_name: str | None = Field(description="that rights holder's name")
     score: float = Field(
-        description="distance between the sample and its counterfactual without this "
-        "work (synthetic estimate, or exact for method=exact)"
+        description="the ranking score (the attribution's `score`): synthetic estimate, or exact for "
+        "method=exact"
     )
-    exact_score: float | None = Field(description="exact distance, where verified")
+    exact_score: float | None = Field(description="the ranking score's exact value, where verified")
+    influence: float | None = Field(None, description="||cf - f||, synthetic (exact for method=exact)")
+    exact_influence: float | None = Field(None, description="||cf - f|| from the exact counterfactual")
+    resemblance: float | None = Field(None, description="d(cf, x) - d(f, x), x the work's image: synthetic "
+                                      "(exact for method=exact)")
+    exact_resemblance: float | None = Field(None, description="the same from the exact counterfactual")
+    p_value: float | None = Field(None, description="how often removing a random set of k members (a "
+                                  "decoy code) moves the generation away from this work at least as much "
+                                  "(synthetic resemblance); see the attribution's significance")
+    exact_p_value: float | None = Field(None, description="the same for the exact resemblance, where "
+                                        "verified")
+    significant: bool | None = Field(None, description="the attribution names this work: it is attributable "
+                                     "and this work's p-value survives the same correction (null where no "
+                                     "p-values exist); only named works share in the attribution")
     counterfactual_url: str = Field(
         description="PNG of the counterfactual: exact where verified, else predicted by synthetic ablation"
     )
@@ -207,18 +230,57 @@ class EntryPublic(BaseModel):
     )
 
 
+class SignificancePublic(BaseModel):
+    attributable: bool = Field(description="the top work's p-value survives Bonferroni's correction over "
+                               "the works ranked: p <= alpha / sources_tested")
+    reason: str = Field(description="why not, when not attributable (empty when it is)")
+    alpha: float = Field(description="family-wise error level")
+    sources_tested: int = Field(description="works the correction runs over")
+    decoys: int = Field(description="decoy codes (weight-k codes no work holds) the p-values count against")
+    threshold: float = Field(description="alpha / sources_tested")
+    p_method: str = Field(description="empirical ((1 + #decoys at least as high) / (1 + decoys)) or "
+                          "gaussian tail (a normal fit of the decoys, where too few decoys exist for the "
+                          "empirical p-value to reach the threshold)")
+    top_p: float | None = Field(description="the top work's p-value (exact where verified)")
+
+
+class NearestWork(BaseModel):
+    training_item_id: int = Field(description="a training work")
+    distance: float = Field(description="pixel L2 distance between the generation and it")
+
+
+class NearCopyPublic(BaseModel):
+    nearest: list[NearestWork] = Field(description="the generation's nearest training works, nearest first")
+    ratio: float = Field(description="the nearest distance over the median distance of a training image to "
+                         "its nearest other training image")
+    threshold: float = Field(description="ratio at or below which the generation is a near-copy")
+    near_copy: bool = Field(description="ratio <= threshold")
+    confirmed: bool | None = Field(description="near-copies: whether removing the members trained on the "
+                                   "nearest work (exact counterfactual) moves the generation away from it")
+    moved_away: float | None = Field(description="that counterfactual's d(cf, x) - d(f, x)")
+
+
 class AttributionPublic(BaseModel):
     id: int = Field(description="attribution id")
     generation_id: int = Field(description="the generation attributed")
     method: str = Field(description="synthetic or exact")
     metric: str = Field(description="l2 or lpips")
+    score: Literal["influence", "resemblance"] = Field(description="the score that ranks the entries")
     top_k: int = Field(description="entries reported")
-    verify_top_k: int = Field(description="how many of the top entries have an exact score")
+    verify_top_k: int = Field(description="how many of the synthetic top were re-ranked by exact "
+                              "counterfactuals")
     status: Literal["pending", "running", "succeeded", "failed"] = Field(description="life cycle state")
+    attributable: bool | None = Field(None, description="whether the top work is significant (see "
+                                      "significance); null when not measured (method=exact, or older "
+                                      "attributions). Not attributable is an answer: the ranking stands, but "
+                                      "no single work explains the generation")
+    significance: SignificancePublic | None = Field(None, description="how attributable was decided")
+    near_copy: NearCopyPublic | None = Field(None, description="the copy check: is the generation a "
+                                             "near-copy of a training work")
     agreement: dict[str, float] | None = Field(description="synthetic vs exact on the verified entries")
     created_at: Time = Field(description="when it was created (UTC)")
     finished_at: Time | None = Field(description="when it finished (UTC), if it has")
-    entries: list[EntryPublic] = Field(description="ranked training works, most influential first")
+    entries: list[EntryPublic] = Field(description="ranked training works, first by the score first")
 
 
 class BatchCreate(_SeedsIn):
@@ -312,14 +374,18 @@ class InfluencePublic(BaseModel):
     generation_id: int = Field(description="the generation attributed")
     ensemble_id: int = Field(description="the ensemble that sampled it")
     seed: int = Field(description="noise seed: with the ensemble and steps it fixes the image")
-    rank: int = Field(description="1 = most influential")
+    rank: int = Field(description="1 = first by the attribution's score")
     top_k: int = Field(description="entries reported")
     method: str = Field(description="synthetic or exact")
     metric: str = Field(description="l2 or lpips")
-    score: float = Field(
-        description="distance between the generation and its counterfactual without this work"
-    )
-    exact_score: float | None = Field(description="exact distance, where verified")
+    score_name: Literal["influence", "resemblance"] = Field(description="the score that ranked it")
+    score: float = Field(description="this work's value of that score (GET /attributions/{id} has both)")
+    exact_score: float | None = Field(description="its exact value, where verified")
+    p_value: float | None = Field(None, description="its decoy p-value (exact where verified): how often "
+                                  "removing random members moves the generation away from this work as much")
+    attributable: bool | None = Field(None, description="whether the attribution named a work at all (its "
+                                      "top work significant); null when not measured")
+    near_copy: bool = Field(False, description="the generation is a near-copy of this work (the copy check)")
     generation_url: str = Field(description="the generated image (PNG)")
     counterfactual_url: str = Field(description="the generation without this work (PNG)")
     created_at: Time = Field(description="when it was created (UTC)")
@@ -410,6 +476,12 @@ class CopiesValidation(_ValidationIn):
     exact: Literal["none", "copies", "all"] | None = Field(
         None, description="also ablate every source exactly for the near-copies (or all samples), to tell "
                           "the estimate's misses from the model's (default none; samples x sources runs)")
+    verify_top_k: int | None = Field(None, ge=0, le=1000, description="the service's attribution: synthetic "
+                                     "top K re-ranked by exact counterfactuals (default 50)")
+    decoys: int | None = Field(None, ge=0, le=100_000, description="decoy codes of the p-values (default "
+                               "10000)")
+    exact_decoys: int | None = Field(None, ge=0, le=1000, description="decoys also run exactly, for exact "
+                                     "p-values (default 0)")
 
 
 ValidationRequest = ClassesValidation | FidelityValidation | CopiesValidation

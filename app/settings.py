@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,7 +48,8 @@ class Settings(BaseSettings):
     max_batch_seeds: int = 10_000
     max_steps: int = 1000
     max_top_k: int = 100
-    max_verify_top_k: int = 10
+    max_verify_top_k: int = Field(200, ge=0, description="verify_top_k of one attribution (exact "
+                                  "counterfactual sampling runs it may cost)")
     max_body_bytes: int = 1_000_000
     max_page_size: int = 500
     max_validation_samples: int = Field(2000, description="samples of one validation job (POST /validations)")
@@ -87,6 +89,21 @@ class Settings(BaseSettings):
     stop_grace_s: float = Field(10.0, ge=0, description="on SIGTERM a worker finishes the job in hand if "
                                 "it should within this many seconds, else hands it back queued at once")
     lpips_rerank: int = Field(50, description="candidates LPIPS re-ranks for metric=lpips")
+
+    # Attribution (README "Trust").
+    default_score: Literal["influence", "resemblance"] = Field(
+        "resemblance", description="what ranks when a request does not say (metric l2; lpips: influence)")
+    default_verify_top_k: int = Field(50, ge=0, description="synthetic top sources re-ranked by exact "
+                                      "counterfactuals when a request does not say (capped "
+                                      "at max_verify_top_k)")
+    decoys: int = Field(10_000, ge=0, description="decoy codes the p-values of one attribution count against")
+    exact_decoys: int = Field(0, ge=0, description="decoys also run exactly (one sampling run each), for "
+                              "exact p-values of the verified works (at most decoys)")
+    attributable_alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error level of "
+                                      "'attributable' (Bonferroni over the works ranked)")
+    copy_ratio: float = Field(0.5, gt=0, description="a generation whose nearest training image lies within "
+                              "this fraction of the training set's median nearest-neighbour distance is a "
+                              "near-copy")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

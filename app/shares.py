@@ -1,10 +1,12 @@
 """Shares: how much of one attribution each rights holder gets, and a holder's totals over time.
 
 Definition (README "Shares"). An attribution ranks its top k training works; each entry has a
-score, the distance between the generation and its counterfactual without that work (the exact
-score where verified, else the synthetic estimate). An entry's *weight* is that score where it
-is positive, else 0 (a work whose removal changes nothing had no influence). The share of owner
-o in attribution a is
+score, the attribution's ranking score (resemblance or influence, README "Trust"; the exact value
+where verified, else the synthetic estimate). An entry's *weight* is that score where it is
+positive and the entry is significant, else 0 (a work whose removal changes nothing had no
+influence). Where p-values exist, only the works the attribution names count: an attributable
+attribution's entries whose p-value survives its correction; an attribution that is not
+attributable has no weight at all. The share of owner o in attribution a is
 
     share(a, o) = (sum of the weights of o's works ranked in a) / (sum of all weights in a).
 
@@ -36,8 +38,10 @@ from sqlalchemy.sql.elements import ColumnElement
 from app.orm import Attribution, AttributionEntry, EnsembleRow, Generation, Owner, SourceCode, TrainingItem
 
 _SCORE = func.coalesce(AttributionEntry.exact_score, AttributionEntry.score)
-WEIGHT: ColumnElement[float] = case((_SCORE > 0, _SCORE), else_=0.0)
-"""An entry's weight in SQL: its score (exact where verified) where positive, else 0."""
+WEIGHT: ColumnElement[float] = case(
+    ((_SCORE > 0) & func.coalesce(AttributionEntry.significant, True), _SCORE), else_=0.0)
+"""An entry's weight in SQL: its score (exact where verified) where positive and not ruled out by
+significance, else 0."""
 
 _NEWER = aliased(Attribution)
 COUNTED: ColumnElement[bool] = (Attribution.status == "succeeded") & (

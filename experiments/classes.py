@@ -8,7 +8,7 @@ Euclidean and LPIPS distance, a one-sided Mann-Whitney U test.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from experiments.classifiers import Classifier, ClassifierKind, train_classifier
 from experiments.common import (
+    Comparison,
     ExperimentConfig,
     LogFn,
     Outcome,
@@ -33,6 +34,7 @@ from experiments.common import (
 )
 from experiments.figures import histogram, image_table, stack
 from experiments.statistics import mann_whitney_greater
+from models.attribute import default_score
 from models.distances import LPIPSMetric, LPIPSUnavailable, l2_distance, load_lpips
 from models.ensemble import Ensemble
 from models.sampler import NoiseTape
@@ -45,6 +47,9 @@ FRAC_LARGEST_CONFIDENT = Target(">=", 0.8)
 """The same among samples classified with confidence >= min_confidence."""
 MIN_SAMPLES = Target(">=", 1000)
 """Samples: fewer cannot pass."""
+DEFAULT_AT_LEAST_PAPER = Comparison("default score", ">=", "influence")
+"""The default score's fraction of samples whose predicted class is largest, against the paper's
+(influence, L2) in the same run."""
 
 
 class ClassesConfig(ExperimentConfig):
@@ -87,6 +92,8 @@ class ClassAblation:
         cf_pred: (B,) the classifier's label of the counterfactual with the predicted class
             ablated.
         kept: (b, S, C, H, W) the counterfactuals of the first b samples (for figures).
+        resemblance: name -> (B, S) exact resemblance d(cf_s, X_s) - d(f, X_s) to the class's
+            images X_s, for each way of measuring distance to a set (``SET_DISTANCES``).
     """
 
     seeds: list[int]
@@ -96,6 +103,7 @@ class ClassAblation:
     lpips: np.ndarray | None
     cf_pred: np.ndarray
     kept: Tensor
+    resemblance: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -106,10 +114,28 @@ class ClassAblation:
         return self.proba.max(axis=1)
 
 
+SET_DISTANCES = ("nearest", "mean", "nearest10")
+"""Distance from an image to a class's images: to the nearest (the service's definition of d(y, X)),
+the mean distance to all of them, the mean distance to the 10 nearest."""
+
+
+def set_distances(y: Tensor, x_train: Tensor, item_source: np.ndarray, num_sources: int) -> dict[str, Tensor]:
+    """Each ``SET_DISTANCES`` from images y (R, C, H, W) to every source's images -> name -> (R, S)."""
+    d = torch.cdist(y.flatten(1).double(), x_train.flatten(1).double())  # (R, N)
+    out = {name: torch.empty(d.shape[0], num_sources, dtype=torch.float64) for name in SET_DISTANCES}
+    for s in range(num_sources):
+        ds = d[:, torch.from_numpy(np.flatnonzero(item_source == s))]
+        out["nearest"][:, s] = ds.min(dim=1).values
+        out["mean"][:, s] = ds.mean(dim=1)
+        out["nearest10"][:, s] = torch.topk(ds, min(10, ds.shape[1]), largest=False).values.mean(dim=1)
+    return out
+
+
 def class_ablation(ens: Ensemble, tape: NoiseTape, classifier: Classifier, *,
                    lpips: LPIPSMetric | None = None, keep: int = 8, chunk: int = 1024,
-                   progress: ProgressFn = ignore_progress) -> ClassAblation:
-    """Sample, classify, and ablate every class exactly for every sample (B * S reruns)."""
+                   progress: ProgressFn = ignore_progress, x_train: Tensor | None = None) -> ClassAblation:
+    """Sample, classify, and ablate every class exactly for every sample (B * S reruns); with the
+    training images ``x_train`` (item order), each counterfactual's resemblance too."""
     if ens.codebook.granularity != "class":
         raise ValueError(f"the class-ablation control needs a class-granularity ensemble, "
                          f"not '{ens.codebook.granularity}'")
@@ -127,10 +153,19 @@ def class_ablation(ens: Ensemble, tape: NoiseTape, classifier: Classifier, *,
     cf_pred = np.full(B, -1, dtype=np.int64)
     keep = min(keep, B)
     kept = torch.zeros(keep * S, *f.shape[1:])
+    item_source = ens.codebook.item_source
+    resem = {name: np.zeros(B * S) for name in SET_DISTANCES} if x_train is not None else {}
+    f_set = set_distances(f, x_train, item_source, S) if x_train is not None else {}
 
     def consume(sl: slice, x: Tensor) -> None:
         ref = f[sample_index[sl]]
         l2[sl] = l2_distance(x, ref).double().numpy()
+        if x_train is not None:
+            cf_set = set_distances(x, x_train, item_source, S)
+            pick = torch.arange(sl.stop - sl.start)
+            for name in SET_DISTANCES:
+                resem[name][sl] = (cf_set[name][pick, sources[sl]]
+                                   - f_set[name][sample_index[sl], sources[sl]]).numpy()
         if lpips is not None and lp is not None:
             lp[sl] = lpips(x, ref).double().cpu().numpy()
         rows = torch.arange(sl.start, sl.stop)
@@ -145,7 +180,8 @@ def class_ablation(ens: Ensemble, tape: NoiseTape, classifier: Classifier, *,
                     consume=consume)
     return ClassAblation(list(tape.seeds), f, proba, l2.reshape(B, S),
                          None if lp is None else lp.reshape(B, S), cf_pred,
-                         kept.reshape(keep, S, *f.shape[1:]))
+                         kept.reshape(keep, S, *f.shape[1:]),
+                         {name: v.reshape(B, S) for name, v in resem.items()})
 
 
 def class_ablation_stats(dist: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
@@ -195,11 +231,15 @@ def run(config: ClassesConfig, out_dir: Path, progress: ProgressFn = ignore_prog
     clf = train_classifier(ds.to_tensor(), ens.codebook.item_source, kind=config.classifier, seed=config.seed)
     log(f"classifier {clf.kind}: held-out accuracy {clf.accuracy:.3f} ({clf.n_test} items)")
     res = class_ablation(ens, setup.tape, clf, lpips=lpips, keep=config.grid_rows, chunk=config.chunk,
-                         progress=progress)
+                         progress=progress, x_train=ds.to_tensor())
     seconds = time.perf_counter() - t1
     pred, conf = res.predicted, res.confidence
     dists = {"l2": res.l2} | ({"lpips": res.lpips} if res.lpips is not None else {})
     stats = {name: class_ablation_stats(d, pred, conf, config.min_confidence) for name, d in dists.items()}
+    resemblance_stats = {name: class_ablation_stats(d, pred, conf, config.min_confidence)
+                         for name, d in res.resemblance.items()}
+    score = default_score(ens.codebook.granularity)
+    default_stats = stats["l2"] if score == "influence" else resemblance_stats["nearest"]
     keys = ens.codebook.source_keys
     numbers: dict[str, Any] = {
         "ensemble": setup.info, "steps": setup.steps,
@@ -214,6 +254,8 @@ def run(config: ClassesConfig, out_dir: Path, progress: ProgressFn = ignore_prog
         "median_confidence": float(np.median(conf)),
         "counterfactual_changes_class": float((res.cf_pred != pred).mean()),
         "stats": stats,
+        "resemblance_stats": resemblance_stats,
+        "default_score": score,
         "seconds": round(seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
     }
     if config.raw:
@@ -227,7 +269,16 @@ def run(config: ClassesConfig, out_dir: Path, progress: ProgressFn = ignore_prog
                 + (f"; LPIPS: largest {stats['lpips']['frac_largest']:.3f}, log10 p = "
                    f"{stats['lpips']['mann_whitney']['log10_p']:.1f}" if "lpips" in stats else
                    "; LPIPS unavailable") + f" ({seconds:.0f} s)")
-    report = Report("class-ablation control (paper Figure 1c)", targets(stats, len(pred), lpips_note),
+    checks = targets(stats, len(pred), lpips_note)
+    checks["default_at_least_influence"] = DEFAULT_AT_LEAST_PAPER.outcome(default_stats["frac_largest"],
+                                                                          stats["l2"]["frac_largest"])
+    checks["p_default"] = P_VALUE.outcome(default_stats["mann_whitney"]["p_value"],
+                                          log10=default_stats["mann_whitney"]["log10_p"])
+    near = resemblance_stats.get("nearest")
+    headline += ("" if near is None else
+                 f"; resemblance (nearest image of the class): largest in {near['frac_largest']:.3f}, "
+                 f"log10 p = {near['mann_whitney']['log10_p']:.1f}; default score: {score}")
+    report = Report("class-ablation control (paper Figure 1c)", checks,
                     numbers, ("classes.png", "classes_grid.png"), headline)
     report.write(out_dir)
     return report

@@ -51,8 +51,9 @@ class ExperimentError(Exception):
 
 
 # ============================================================================ targets and reports
-Op = Literal[">=", ">", "<"]
-_COMPARE: dict[str, Callable[[Any, Any], Any]] = {">=": operator.ge, ">": operator.gt, "<": operator.lt}
+Op = Literal[">=", ">", "<", "<="]
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {">=": operator.ge, ">": operator.gt, "<": operator.lt,
+                                                  "<=": operator.le}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Fidelity of synthetic ablation: synthetic influence ||J dw(c)|| against the exact
 counterfactual distance, per sample over many sources (Spearman, Pearson, recall@k, whether the
 synthetic top-1 is in the exact top-k, relative error of the predicted image), and the same
-ranking figures for a pixel-similarity baseline.
+ranking figures for a pixel-similarity baseline. The same for resemblance (d(cf, X_s) - d(f, X_s),
+``models.resemblance``): its synthetic values against the exact ones, and screen-then-verify
+recall of both scores at the service's depth.
 """
 
 from __future__ import annotations
@@ -34,17 +36,23 @@ from experiments.common import (
 )
 from experiments.figures import image_table, scatter, stack
 from experiments.statistics import ranking_agreement, top_indices, verified_recall
-from models.ablation import delta_w
+from models.ablation import delta_w, gram
 from models.codes import CodeBook
 from models.data import ImageDataset
 from models.distances import l2_distance
 from models.ensemble import Ensemble
+from models.resemblance import image_terms, resemblance
 from models.sampler import NoiseTape
 
 MEDIAN_SPEARMAN = Target(">=", 0.95)
 """Median over samples of the synthetic scores' Spearman correlation with the exact influence."""
 MEDIAN_RECALL = Target(">=", 0.8)
 """Median over samples of the synthetic scores' recall@k of the exact top k."""
+RESEMBLANCE_SPEARMAN = Target(">=", 0.95)
+"""Median over samples of synthetic resemblance's Spearman correlation with the exact resemblance."""
+VERIFIED_RECALL = Target(">=", 0.95)
+"""Median recall@k of the exact top k by screen-then-verify at depth ``VERIFY_DEPTH``, for both scores."""
+VERIFY_DEPTH = 50
 BEATS_PIXEL = Comparison("synthetic", ">", "pixel")
 """Synthetic ablation strictly better than the pixel-similarity baseline (on each median)."""
 
@@ -76,6 +84,7 @@ class Fidelity:
             ||training image - sample|| (higher = more "influential").
         rel_err: ||clip(f + J dw(c)) - exact counterfactual|| / ||exact counterfactual - f||.
         all_sources: True when every source was evaluated.
+        synthetic_resemblance, exact_resemblance: d(cf, X_s) - d(f, X_s), predicted and exact.
     """
 
     seeds: list[int]
@@ -87,6 +96,8 @@ class Fidelity:
     rel_err: list[np.ndarray]
     all_sources: bool
     examples: dict[str, Tensor] = field(default_factory=dict)
+    synthetic_resemblance: list[np.ndarray] = field(default_factory=list)
+    exact_resemblance: list[np.ndarray] = field(default_factory=list)
 
 
 def pixel_scores(images: Tensor, x_train: Tensor, item_source: np.ndarray, num_sources: int) -> Tensor:
@@ -111,8 +122,9 @@ def fidelity(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, subset: int | N
     random ``subset`` of sources (torch.Generator(seed)) plus the synthetic top ``top`` and
     the pixel baseline's top ``top`` (so neither method is favoured by the candidate set).
 
-    ``score_fn`` replaces the synthetic scores (B, S) -> (B, S) (e.g. random scores, to show
-    that a broken attribution fails the thresholds); the predicted images stay f + J dw.
+    ``score_fn`` replaces the synthetic scores, influence and resemblance, (B, S) -> (B, S) (e.g.
+    random scores, to show that a broken attribution fails the thresholds); the predicted images
+    stay f + J dw.
     """
     book = ens.codebook
     S = book.num_sources
@@ -121,6 +133,11 @@ def fidelity(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, subset: int | N
         syn = score_fn(syn)
     pix = pixel_scores(f, x_train, book.item_source, S)
     B = f.shape[0]
+    dW64 = delta_w(torch.from_numpy(book.bits()), book.k)
+    syn_res = torch.stack([resemblance(image_terms(f[b], J[b], x_train), gram(J[b : b + 1])[0], dW64,
+                                       book.item_source) for b in range(B)])
+    if score_fn is not None:
+        syn_res = score_fn(syn_res)
     g = torch.Generator().manual_seed(seed)
     all_sources = subset is None or subset >= S
     cands: list[np.ndarray] = []
@@ -130,14 +147,18 @@ def fidelity(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, subset: int | N
         else:
             assert subset is not None
             c = torch.cat([torch.randperm(S, generator=g)[:subset],
-                           torch.topk(syn[b], min(top, S)).indices, torch.topk(pix[b], min(top, S)).indices])
+                           torch.topk(syn[b], min(top, S)).indices, torch.topk(pix[b], min(top, S)).indices,
+                           torch.topk(syn_res[b], min(top, S)).indices])
             c = torch.unique(c)
         cands.append(c.numpy())
     sample_index = torch.cat([torch.full((len(c),), b, dtype=torch.long) for b, c in enumerate(cands)])
     sources = torch.from_numpy(np.concatenate(cands)).long()
     dW = delta_w(torch.from_numpy(book.bits()), book.k, torch.float32)
     exact = np.zeros(len(sources))
+    exact_res = np.zeros(len(sources))
     rel = np.zeros(len(sources))
+    x_flat = x_train.flatten(1).double()
+    item_source = torch.from_numpy(np.asarray(book.item_source, np.int64))
     best: dict[int, tuple[float, int, Tensor, Tensor]] = {}
 
     def consume(sl: slice, x: Tensor) -> None:
@@ -147,6 +168,10 @@ def fidelity(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, subset: int | N
         pred = (ref + torch.einsum("rdn,rn->rd", J[bi], dW[si]).reshape(ref.shape)).clamp(-1, 1)
         exact[sl] = d.double().numpy()
         rel[sl] = (l2_distance(pred, x) / d.clamp_min(1e-12)).double().numpy()
+        for j in range(len(bi)):  # d(cf, X_s) - d(f, X_s), X_s the source's own images
+            own = x_flat[item_source == int(si[j])]
+            exact_res[sl.start + j] = float((own - x[j].double().flatten()).norm(dim=1).min()
+                                            - (own - ref[j].double().flatten()).norm(dim=1).min())
         for j in range(len(bi)):  # the exact top-1 counterfactual of the first samples, for the figure
             b = int(bi[j])
             if b < 8 and (b not in best or float(d[j]) > best[b][0]):
@@ -164,7 +189,8 @@ def fidelity(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, subset: int | N
     per = [torch.from_numpy(c) for c in cands]
     return Fidelity(list(tape.seeds), f, cands, [syn[b, c].numpy() for b, c in enumerate(per)],
                     [exact[s] for s in split], [pix[b, c].numpy() for b, c in enumerate(per)],
-                    [rel[s] for s in split], all_sources, examples)
+                    [rel[s] for s in split], all_sources, examples,
+                    [syn_res[b, c].numpy() for b, c in enumerate(per)], [exact_res[s] for s in split])
 
 
 def fidelity_stats(res: Fidelity, k: int = 10, verify_depths: Sequence[int] = (20, 50)) -> dict[str, Any]:
@@ -182,8 +208,12 @@ def fidelity_stats(res: Fidelity, k: int = 10, verify_depths: Sequence[int] = (2
         pix = ranking_agreement(res.pixel[b], res.exact[b], k)
         order = top_indices(res.exact[b], k)
         ver = {str(m): verified_recall(res.synthetic[b], res.exact[b], k, m) for m in verify_depths}
+        res_syn, res_ex = res.synthetic_resemblance[b], res.exact_resemblance[b]
+        resem = ranking_agreement(res_syn, res_ex, k)
+        resem_ver = {str(m): verified_recall(res_syn, res_ex, k, m) for m in verify_depths}
         per_sample.append({"seed": res.seeds[b], "candidates": len(res.candidates[b]), "synthetic": syn,
-                           "pixel": pix, "verified_recall_at_k": ver,
+                           "pixel": pix, "verified_recall_at_k": ver, "resemblance": resem,
+                           "resemblance_verified_recall_at_k": resem_ver,
                            "median_rel_err": float(np.median(res.rel_err[b])),
                            "median_rel_err_exact_topk": float(np.median(res.rel_err[b][order]))})
 
@@ -201,6 +231,12 @@ def fidelity_stats(res: Fidelity, k: int = 10, verify_depths: Sequence[int] = (2
     summary["verified"] = {str(m): {"median_recall_at_k": med("verified_recall_at_k", str(m)),
                                     "mean_recall_at_k": mean("verified_recall_at_k", str(m))}
                            for m in verify_depths}
+    summary["resemblance"] = {"median_spearman": med("resemblance", "spearman"),
+                              "median_recall_at_k": med("resemblance", "recall_at_k"),
+                              "verified": {str(m): {
+                                  "median_recall_at_k": med("resemblance_verified_recall_at_k", str(m)),
+                                  "mean_recall_at_k": mean("resemblance_verified_recall_at_k", str(m))}
+                                  for m in verify_depths}}
     summary["median_rel_err"] = float(np.median(np.concatenate(res.rel_err)))
     summary["median_rel_err_exact_topk"] = float(np.median([p["median_rel_err_exact_topk"]
                                                             for p in per_sample]))
@@ -210,11 +246,19 @@ def fidelity_stats(res: Fidelity, k: int = 10, verify_depths: Sequence[int] = (2
 def targets(summary: dict[str, Any]) -> dict[str, Outcome]:
     """The targets of ``fidelity_stats(...)["summary"]``: synthetic medians at their thresholds,
     and better than the pixel baseline's."""
-    s, p = summary["synthetic"], summary["pixel"]
-    return {"median_spearman": MEDIAN_SPEARMAN.outcome(s["median_spearman"]),
-            "median_recall_at_k": MEDIAN_RECALL.outcome(s["median_recall_at_k"]),
-            "beats_pixel_spearman": BEATS_PIXEL.outcome(s["median_spearman"], p["median_spearman"]),
-            "beats_pixel_recall": BEATS_PIXEL.outcome(s["median_recall_at_k"], p["median_recall_at_k"])}
+    s, p, r = summary["synthetic"], summary["pixel"], summary["resemblance"]
+    out = {"median_spearman": MEDIAN_SPEARMAN.outcome(s["median_spearman"]),
+           "median_recall_at_k": MEDIAN_RECALL.outcome(s["median_recall_at_k"]),
+           "beats_pixel_spearman": BEATS_PIXEL.outcome(s["median_spearman"], p["median_spearman"]),
+           "beats_pixel_recall": BEATS_PIXEL.outcome(s["median_recall_at_k"], p["median_recall_at_k"]),
+           "resemblance_median_spearman": RESEMBLANCE_SPEARMAN.outcome(r["median_spearman"])}
+    depth = str(VERIFY_DEPTH)
+    if depth in summary["verified"]:
+        out["verified_recall_influence"] = VERIFIED_RECALL.outcome(
+            summary["verified"][depth]["median_recall_at_k"])
+        out["verified_recall_resemblance"] = VERIFIED_RECALL.outcome(
+            r["verified"][depth]["median_recall_at_k"])
+    return out
 
 
 def run(config: FidelityConfig, out_dir: Path, progress: ProgressFn = ignore_progress, *,
@@ -240,7 +284,8 @@ def run(config: FidelityConfig, out_dir: Path, progress: ProgressFn = ignore_pro
     seconds = time.perf_counter() - t1
     k = config.recall_k
     # screen-then-verify depths (deeper than k; the synthetic top `top` are always candidates)
-    depths = sorted({d for d in (2 * k, config.top) if d > k and (res.all_sources or d <= config.top)})
+    depths = sorted({d for d in (2 * k, config.top, VERIFY_DEPTH)
+                     if d > k and (res.all_sources or d <= config.top)})
     st = fidelity_stats(res, k, verify_depths=depths)
     checks = targets(st["summary"])
     numbers = {
@@ -257,7 +302,8 @@ def run(config: FidelityConfig, out_dir: Path, progress: ProgressFn = ignore_pro
                 f"recall@{k} {s['median_recall_at_k']:.2f}, top-1 in exact top-{k} "
                 f"{s['frac_top1_in_exact_topk']:.2f}; pixel baseline {p['median_spearman']:.3f} / "
                 f"{p['median_recall_at_k']:.2f}; median relative image error "
-                f"{st['summary']['median_rel_err']:.3f}; " + "".join(
+                f"{st['summary']['median_rel_err']:.3f}; resemblance median Spearman "
+                f"{st['summary']['resemblance']['median_spearman']:.3f}; " + "".join(
                     f"synthetic top {m} verified exactly: recall@{k} {v['median_recall_at_k']:.2f}; "
                     for m, v in st["summary"]["verified"].items()) +
                 f"targets {'met' if met else 'NOT met'} ({seconds:.0f} s)")

@@ -8,7 +8,7 @@ This is the one function the CLI and the service workers call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,49 +19,109 @@ from models.ablation import (
     agreement,
     delta_w,
     gram,
+    influence,
     jacobian,
+    measurable,
     predicted_counterfactuals,
     rank_codes,
 )
+from models.codes import unpack_bits
+from models.copies import COPY_RATIO, CopyCheck, copy_check, nearest_neighbour_median
 from models.distances import LPIPSMetric, l2_distance
 from models.ensemble import Ensemble
+from models.resemblance import (
+    ImageTerms,
+    decoy_codes,
+    decoy_pvalues,
+    decoy_resemblance,
+    gaussian_tail_pvalues,
+    image_terms,
+    resemblance,
+)
 from models.sampler import NoiseTape, exact_counterfactuals
 from models.unet import WideUNet
 
 METRICS = ("l2", "lpips")
+SCORES = ("influence", "resemblance")
+DEFAULT_SCORE = "resemblance"
+"""What ranks item sources when a request does not say: resemblance, which the copies validation
+found specific to the work where influence is not (README "Trust")."""
+SET_SOURCE_SCORE = "influence"
+"""What ranks class and owner sources by default: a set's nearest image is a poor stand-in for
+"the source's content", and the class control measured resemblance below influence there."""
+
+
+def default_score(granularity: str) -> str:
+    """The default ranking score for sources of this granularity (item, class, owner)."""
+    return DEFAULT_SCORE if granularity == "item" else SET_SOURCE_SCORE
+DECOYS = 10_000
+"""Decoy codes per attribution (fewer when fewer weight-k codes are free)."""
+ALPHA = 0.05
+"""Family-wise error level of "attributable" (Bonferroni over the sources ranked)."""
+P_SCREEN = 100
+"""Candidates of the synthetic ranking that get decoy p-values (at least top_k and verify_top_k)."""
+DECOY_SEED = 0
+
+TrainingImages = Tensor | np.ndarray
+"""(N, C, H, W) the training images in code-book item order: float in [-1, 1], or uint8 in
+[0, 255] (a numpy memmap is read in chunks)."""
 
 
 @dataclass(frozen=True)
 class AttributionConfig:
-    """top_k: sources reported; metric: "l2" or "lpips"; rerank: candidates LPIPS re-ranks;
-    verify_top_k: how many of the reported sources get an exact counterfactual."""
+    """top_k: sources reported; metric: "l2" or "lpips" (influence's distance); rerank: candidates
+    LPIPS re-ranks; verify_top_k: how many of the synthetic top get an exact counterfactual and are
+    re-ranked by their exact values (may exceed top_k); score: what ranks, "influence" (the paper's
+    ||cf_s - f||) or "resemblance" (d(cf_s, X_s) - d(f, X_s), pixel L2); decoys, alpha: the
+    significance test (``Significance``)."""
 
     top_k: int = 10
     metric: str = "l2"
     rerank: int = 50
     verify_top_k: int = 0
     max_rows: int = 2048
+    score: str = DEFAULT_SCORE
+    decoys: int = DECOYS
+    alpha: float = ALPHA
+    exact_decoys: int = 0
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not '{self.metric}'")
-        if self.top_k < 1 or self.verify_top_k < 0 or self.verify_top_k > self.top_k:
-            raise ValueError("need top_k >= 1 and 0 <= verify_top_k <= top_k")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, not '{self.score}'")
+        if self.score == "resemblance" and self.metric != "l2":
+            raise ValueError("score 'resemblance' is measured in pixel L2: use metric 'l2' "
+                             "(or score 'influence' with metric 'lpips')")
+        if self.top_k < 1 or self.verify_top_k < 0:
+            raise ValueError("need top_k >= 1 and verify_top_k >= 0")
         if self.rerank < self.top_k:
             raise ValueError("rerank must be >= top_k")
+        if self.decoys < 0 or not 0.0 < self.alpha < 1.0:
+            raise ValueError("need decoys >= 0 and 0 < alpha < 1")
+        if not 0 <= self.exact_decoys <= self.decoys:
+            raise ValueError("need 0 <= exact_decoys <= decoys")
 
 
 @dataclass
 class SourceScore:
-    """One ranked source. Scores are distances between the sample and its counterfactual."""
+    """One ranked source: both scores, synthetic and exact (where verified), and the decoy p-value
+    of its resemblance. Influence is the distance between the sample and its counterfactual (l2,
+    and lpips where measured); resemblance how much further from the source's own images the
+    counterfactual is than the sample (``models.resemblance``)."""
 
     source: int
     l2: float
     lpips: float | None = None
     exact_l2: float | None = None
     exact_lpips: float | None = None
+    resemblance: float | None = None
+    exact_resemblance: float | None = None
+    p_value: float | None = None
+    exact_p_value: float | None = None
 
     def score(self, metric: str) -> float:
+        """Influence in ``metric`` (synthetic, or exact for method exact)."""
         v = self.lpips if metric == "lpips" else self.l2
         assert v is not None
         return v
@@ -69,12 +129,60 @@ class SourceScore:
     def exact_score(self, metric: str) -> float | None:
         return self.exact_lpips if metric == "lpips" else self.exact_l2
 
+    def value(self, score: str, metric: str) -> float:
+        """The synthetic value of the ranking score."""
+        if score == "resemblance":
+            assert self.resemblance is not None
+            return self.resemblance
+        return self.score(metric)
+
+    def exact_value(self, score: str, metric: str) -> float | None:
+        return self.exact_resemblance if score == "resemblance" else self.exact_score(metric)
+
+    @property
+    def p(self) -> float | None:
+        """The p-value that decides: the exact one (exact resemblance against exact decoys) where
+        computed, else the synthetic one. Never an exact resemblance against synthetic decoys:
+        the copies validation measured that mixture miscalibrated (README "Trust")."""
+        return self.exact_p_value if self.exact_p_value is not None else self.p_value
+
+
+@dataclass(frozen=True)
+class Significance:
+    """Whether one attribution names a work: its top source's p-value against the decoys must
+    survive Bonferroni's correction over the ``tested`` sources ranked, p <= alpha / tested.
+
+    method: "empirical" ((1 + #decoys at least as high) / (1 + M)) when M decoys can reach the
+    threshold, else "gaussian tail" (the normal tail of the source's z-score against its decoys,
+    a fit: 1 / (1 + M) cannot be small enough). reason: why not, when not attributable."""
+
+    attributable: bool
+    reason: str
+    alpha: float
+    tested: int
+    decoys: int
+    threshold: float
+    method: str
+    top_p: float | None
+
+    def names(self, entry: SourceScore) -> bool:
+        """Whether this attribution names ``entry``'s source: it is attributable and the source's
+        p-value survives the same correction."""
+        p = entry.p
+        return self.attributable and p is not None and p <= self.threshold
+
+    def to_json(self) -> dict[str, object]:
+        return {"attributable": self.attributable, "reason": self.reason, "alpha": self.alpha,
+                "sources_tested": self.tested, "decoys": self.decoys, "threshold": self.threshold,
+                "p_method": self.method, "top_p": self.top_p}
+
 
 @dataclass
 class SampleAttribution:
     """Attribution of one generated sample.
 
-    image: (C, H, W) the sample; gram: (n, n); counterfactuals: (top_k, C, H, W) predicted
+    image: (C, H, W) the sample; gram: (n, n); ranking: the reported sources, best first (until
+    ``conclude``, every candidate); counterfactuals: (len(ranking), C, H, W) predicted
     counterfactual images of the ranked sources (clipped), exact ones where verified.
     """
 
@@ -85,81 +193,203 @@ class SampleAttribution:
     counterfactuals: Tensor
     exact_counterfactuals: Tensor | None = None
     agreement: dict[str, float] | None = field(default=None)
+    significance: Significance | None = None
+    exact: list[bool] = field(default_factory=list)  # per ranked source: its counterfactual is exact
+    decoy_null: Tensor | None = field(default=None, repr=False)  # (len(ranking), M) each one's decoys
 
 
 def attribute(ens: Ensemble, tape: NoiseTape, cfg: AttributionConfig,
               lpips: LPIPSMetric | None = None,
-              members: Sequence[WideUNet] | None = None) -> list[SampleAttribution]:
+              members: Sequence[WideUNet] | None = None, *,
+              images: TrainingImages | None = None) -> list[SampleAttribution]:
     """Rank every source of ``ens`` for each sample of ``tape``.
 
-    Synthetic ablation ranks all S sources by ||J dw(c)|| through the Gram matrix; with
-    metric "lpips" the top ``rerank`` candidates' predicted counterfactuals are re-ranked by
-    LPIPS. The top ``verify_top_k`` then get exact counterfactuals (same noise, members of
-    S(x) dropped) and the agreement of both scores.
+    Synthetic ablation scores all S sources through the Jacobian (influence from the Gram matrix,
+    resemblance from the training ``images``); with metric "lpips" the top ``rerank`` candidates'
+    predicted counterfactuals are re-ranked by LPIPS. The top ``verify_top_k`` then get exact
+    counterfactuals (same noise, members of S(x) dropped) and are re-ranked by their exact values;
+    the top ``top_k`` are reported with decoy p-values and the sample's ``Significance``.
     """
     f, J = jacobian(ens.net, ens.schedule, tape, max_rows=cfg.max_rows)
-    results = rank_sources(ens, tape.seeds, f, J, cfg, lpips)
+    results = rank_sources(ens, tape.seeds, f, J, cfg, lpips, images=images)
     if cfg.verify_top_k:
-        verify(ens, tape, results, cfg, lpips, members)
+        verify(ens, tape, results, cfg, lpips, members, images=images)
+    for res in results:
+        conclude(res, cfg)
     return results
+
+
+@dataclass(frozen=True)
+class _Decoys:
+    """The decoy codes' bits and weight changes, and how many sources the attribution tests."""
+
+    bits: Tensor  # (M, n)
+    dW: Tensor  # (M, n) float64
+    tested: int
+
+
+def _decoys(ens: Ensemble, cfg: AttributionConfig, served: Tensor | None, tested: int) -> _Decoys:
+    """Weight-k codes no source holds (withdrawn ones included), each leaving a served member."""
+    book = ens.codebook
+    codes = decoy_codes(book.codes, book.n, book.k, cfg.decoys, seed=DECOY_SEED)
+    bits = torch.from_numpy(unpack_bits(codes, book.n))
+    if served is not None:
+        bits = bits[measurable(bits, served)]
+    return _Decoys(bits, delta_w(bits, book.k, served=served), tested)
 
 
 def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg: AttributionConfig,
                  lpips: LPIPSMetric | None = None, *, served: Tensor | None = None,
-                 sources: Tensor | None = None) -> list[SampleAttribution]:
+                 sources: Tensor | None = None,
+                 images: TrainingImages | None = None) -> list[SampleAttribution]:
     """Synthetic ranking from an already computed Jacobian (e.g. one stored by the service).
 
     f: (B, C, H, W) samples; J: (B, D, n) their Jacobians with respect to the weights (D = C*H*W),
     taken at the serving weights; served: (n,) bits of the served members (None: all);
-    sources: (S',) long, the sources that may be ranked (None: all of the code book).
+    sources: (S',) long, the sources that may be ranked (None: all of the code book); images:
+    the training images (``TrainingImages``), needed for resemblance and p-values (without them
+    only influence ranks, and no p-value is given).
+
+    The ranking holds every candidate (the top max(top_k, verify_top_k, P_SCREEN), or rerank for
+    LPIPS); ``conclude`` cuts it to top_k.
     """
     if cfg.metric == "lpips" and lpips is None:
         raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
+    if cfg.score == "resemblance" and images is None:
+        raise ValueError("score 'resemblance' needs the training images")
     book = ens.codebook
     src = torch.arange(book.num_sources) if sources is None else sources.long().cpu()
-    bits = torch.from_numpy(book.bits())[src].to(J.device)  # (S', n)
+    S = len(src)
+    bits = torch.from_numpy(book.bits())
     G = gram(J)
-    n_cand = min(cfg.rerank if cfg.metric == "lpips" else cfg.top_k, len(src))
-    cand_scores, cand_pos = rank_codes(G, bits, book.k, n_cand, served=served)
-    cand_idx = src[cand_pos.cpu()]
-    dW = delta_w(bits[cand_pos], book.k, served=served)
-    preds = predicted_counterfactuals(f, J, dW).clamp(-1, 1)  # (B, R, C, H, W)
+    n_cand = min(S, max(cfg.top_k, cfg.verify_top_k, cfg.rerank if cfg.metric == "lpips" else 0,
+                        P_SCREEN if images is not None else 0))
+    if images is None:  # influence alone: the Gram matrix ranks without touching pixels
+        cand_scores, cand_pos = rank_codes(G, bits[src].to(J.device), book.k, n_cand, served=served)
+        influences = [cand_scores[b].cpu() for b in range(len(seeds))]
+        cand_idx = [src[cand_pos[b].cpu()] for b in range(len(seeds))]
+        resemblances: list[Tensor | None] = [None] * len(seeds)
+        pvalues: list[Tensor | None] = [None] * len(seeds)
+        nulls: list[Tensor | None] = [None] * len(seeds)
+        decoys = None
+    else:
+        dW_book = delta_w(bits, book.k, served=served)  # (S, n); NaN rows are never ranked (measurable)
+        decoys = _decoys(ens, cfg, served, S)
+        influences, cand_idx, resemblances, pvalues, nulls = [], [], [], [], []
+        for b in range(len(seeds)):
+            terms = image_terms(f[b], J[b], images)
+            r_all = resemblance(terms, G[b].cpu(), dW_book, book.item_source)
+            infl = influence(G[b : b + 1].cpu(), dW_book[src])[0]
+            ranked_by = r_all[src] if cfg.score == "resemblance" else infl
+            top = torch.topk(ranked_by, n_cand).indices
+            idx = src[top]
+            influences.append(infl[top])
+            cand_idx.append(idx)
+            resemblances.append(r_all[idx])
+            if decoys.dW.shape[0]:
+                null = _null(terms, G[b].cpu(), decoys, idx, book.item_source)
+                nulls.append(null)
+                pvalues.append(_p_of(r_all[idx], null, _p_method(null.shape[1], S, cfg.alpha)))
+            else:
+                nulls.append(None)
+                pvalues.append(torch.full((len(idx),), float("nan"), dtype=torch.float64))
+    dW_cand = torch.stack([delta_w(bits[idx].to(J.device), book.k, served=served) for idx in cand_idx])
+    preds = predicted_counterfactuals(f, J, dW_cand).clamp(-1, 1)  # (B, R, C, H, W)
 
     results = []
     for b in range(f.shape[0]):
-        idx, l2s = cand_idx[b], cand_scores[b]
+        entries = [SourceScore(int(i), float(v)) for i, v in zip(cand_idx[b], influences[b], strict=True)]
+        for j, e in enumerate(entries):
+            r_b, p_b = resemblances[b], pvalues[b]
+            e.resemblance = None if r_b is None else float(r_b[j])
+            e.p_value = None if p_b is None or bool(torch.isnan(p_b[j])) else float(p_b[j])
         if cfg.metric == "lpips":
             assert lpips is not None
             lp = lpips(preds[b], f[b][None].expand_as(preds[b])).cpu().to(torch.float64)
-            order = torch.argsort(lp, descending=True)[: cfg.top_k]
-            ranking = [SourceScore(int(idx[o]), float(l2s[o]), float(lp[o])) for o in order]
-            cf = preds[b][order]
-        else:
-            ranking = [SourceScore(int(i), float(s)) for i, s in zip(idx, l2s, strict=True)]
-            cf = preds[b][: cfg.top_k]
-        results.append(SampleAttribution(seeds[b], f[b], G[b], ranking, cf))
+            for e, v in zip(entries, lp.tolist(), strict=True):
+                e.lpips = v
+        order = sorted(range(len(entries)), key=lambda j: -entries[j].value(cfg.score, cfg.metric))
+        res = SampleAttribution(seeds[b], f[b], G[b], [entries[j] for j in order], preds[b][order])
+        res.exact = [False] * len(order)
+        null_b = nulls[b]
+        res.decoy_null = None if null_b is None else null_b[order]
+        if decoys is not None:
+            res.significance = _untested(cfg, decoys)  # replaced by conclude
+        results.append(res)
     return results
+
+
+def _null(terms: ImageTerms, G: Tensor, decoys: _Decoys, idx: Tensor, item_source: np.ndarray) -> Tensor:
+    """(len(idx), M) the decoys' resemblance with each candidate's images."""
+    items = torch.from_numpy(np.flatnonzero(np.isin(item_source, idx.numpy())))
+    return decoy_resemblance(terms, G, decoys.dW, items, item_source, idx)
+
+
+def _p_of(r: Tensor, null: Tensor, method: str) -> Tensor:
+    """p-values by ``method`` (``_p_method``): empirical, or the Gaussian tail of the z-score."""
+    return decoy_pvalues(r, null) if method == "empirical" else gaussian_tail_pvalues(r, null)
+
+
+def _p_method(decoys: int, tested: int, alpha: float) -> str:
+    """Empirical where M decoys can reach alpha / tested, else the Gaussian tail (``Significance``)."""
+    return "empirical" if alpha / max(tested, 1) >= 1.0 / (1.0 + decoys) else "gaussian tail"
+
+
+def _untested(cfg: AttributionConfig, decoys: _Decoys) -> Significance:
+    M = decoys.dW.shape[0]
+    return Significance(False, "not concluded", cfg.alpha, decoys.tested, M,
+                        cfg.alpha / max(decoys.tested, 1), _p_method(M, decoys.tested, cfg.alpha), None)
+
+
+def conclude(res: SampleAttribution, cfg: AttributionConfig) -> None:
+    """Cut the ranking to top_k and decide significance from its top source."""
+    k = min(cfg.top_k, len(res.ranking))
+    res.ranking, res.counterfactuals, res.exact = res.ranking[:k], res.counterfactuals[:k], res.exact[:k]
+    if res.exact_counterfactuals is not None:
+        res.exact_counterfactuals = res.exact_counterfactuals[:k]
+    sig = res.significance
+    if sig is None:
+        return
+    top_p = res.ranking[0].p if res.ranking else None
+    if sig.decoys == 0:
+        why = "no decoy codes: every code of weight k is held by a source, so there is no null to test"
+        res.significance = replace(sig, attributable=False, reason=why, top_p=None)
+        return
+    assert top_p is not None
+    if top_p <= sig.threshold:
+        res.significance = replace(sig, attributable=True, reason="", top_p=top_p)
+        return
+    why = (f"the top work's p-value {top_p:.3g} ({sig.method}, {sig.decoys} decoys) is above "
+           f"{sig.alpha:g}/{sig.tested} = {sig.threshold:.3g}: removing it does not move the generation "
+           f"away from it more than removing random members does, so no single work is named")
+    res.significance = replace(sig, attributable=False, reason=why, top_p=top_p)
 
 
 def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionConfig,
                     lpips: LPIPSMetric | None = None, members: Sequence[WideUNet] | None = None,
                     chunk: int = 512, progress: Callable[[float], None] | None = None, *,
-                    served: Tensor | None = None, sources: Tensor | None = None) -> SampleAttribution:
-    """Rank every source of one sample by its *exact* counterfactual distance (no Jacobian).
+                    served: Tensor | None = None, sources: Tensor | None = None,
+                    images: TrainingImages | None = None) -> SampleAttribution:
+    """Rank every source of one sample by its *exact* counterfactual (no Jacobian).
 
     One sampling run per source (members of S(x) dropped, same noise), ``chunk`` sources at a
     time with member skipping. tape: one seed; f: (C, H, W) the sample. The ranking's ``l2``
-    (and ``lpips``) hold the exact distances, as do exact_l2 / exact_lpips. served and
-    sources as for ``rank_sources``.
+    (and ``lpips``, ``resemblance`` with ``images``) hold the exact values, as do exact_l2 /
+    exact_lpips / exact_resemblance. No decoy p-values (they come from the Jacobian): its
+    significance is None. served and sources as for ``rank_sources``.
     """
     if tape.x_T.shape[0] != 1:
         raise ValueError("attribute_exact ranks one sample at a time")
     if cfg.metric == "lpips" and lpips is None:
         raise ValueError("metric 'lpips' needs an LPIPS network (models.distances.load_lpips)")
+    if cfg.score == "resemblance" and images is None:
+        raise ValueError("score 'resemblance' needs the training images")
     src = torch.arange(ens.codebook.num_sources) if sources is None else sources.long().cpu()
     bits = torch.from_numpy(ens.codebook.bits())[src]
     S = bits.shape[0]
-    scores = torch.empty(S, dtype=torch.float64)
+    influences = torch.empty(S, dtype=torch.float64)
+    l2s = torch.empty(S, dtype=torch.float64)
+    resemblances = torch.full((S,), float("nan"), dtype=torch.float64)
     top_images: dict[int, Tensor] = {}
     for lo in range(0, S, chunk):
         hi = min(S, lo + chunk)
@@ -167,55 +397,151 @@ def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionC
         x = exact_counterfactuals(ens.net, ens.schedule, tape, W, torch.zeros(hi - lo, dtype=torch.long),
                                   members=members, max_rows=cfg.max_rows)
         ref = f[None].expand_as(x)
-        d = (lpips(x, ref) if cfg.metric == "lpips" and lpips is not None else l2_distance(x, ref))
-        scores[lo:hi] = d.cpu().to(torch.float64)
+        l2s[lo:hi] = l2_distance(x, ref).cpu().to(torch.float64)
+        lp = lpips(x, ref).cpu().to(torch.float64) if cfg.metric == "lpips" and lpips is not None else None
+        influences[lo:hi] = l2s[lo:hi] if lp is None else lp
+        if images is not None:
+            resemblances[lo:hi] = _exact_resemblance(x, f, images, ens.codebook.item_source, src[lo:hi])
+        ranked_by = resemblances if cfg.score == "resemblance" else influences
         # Keep only the images that can still make the top k.
-        order = torch.argsort(scores[:hi], descending=True)[: cfg.top_k].tolist()
-        keep = {i: (top_images[i] if i in top_images else x[i - lo]) for i in order}
-        top_images = keep
+        order = torch.argsort(ranked_by[:hi], descending=True)[: cfg.top_k].tolist()
+        top_images = {i: (top_images[i] if i in top_images else x[i - lo]) for i in order}
         if progress is not None:
             progress(hi / S)
-    order = torch.argsort(scores, descending=True)[: cfg.top_k].tolist()
+    ranked_by = resemblances if cfg.score == "resemblance" else influences
+    order = torch.argsort(ranked_by, descending=True)[: cfg.top_k].tolist()
     ranking = []
     for i in order:
-        s = float(scores[i])
-        if cfg.metric == "lpips":
-            x_i = top_images[i][None]
-            l2 = float(l2_distance(x_i, f[None]).cpu()[0])
-            ranking.append(SourceScore(int(src[i]), l2, s, exact_l2=l2, exact_lpips=s))
-        else:
-            ranking.append(SourceScore(int(src[i]), s, exact_l2=s))
+        l2, r = float(l2s[i]), (None if images is None else float(resemblances[i]))
+        lp_i = float(influences[i]) if cfg.metric == "lpips" else None
+        ranking.append(SourceScore(int(src[i]), l2, lp_i, exact_l2=l2, exact_lpips=lp_i, resemblance=r,
+                                   exact_resemblance=r))
     cfs = torch.stack([top_images[i] for i in order])
     n = ens.n
     return SampleAttribution(tape.seeds[0], f, torch.zeros(n, n, dtype=torch.float64), ranking, cfs,
-                             exact_counterfactuals=cfs)
+                             exact_counterfactuals=cfs, exact=[True] * len(order))
 
 
 def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
            cfg: AttributionConfig, lpips: LPIPSMetric | None = None,
-           members: Sequence[WideUNet] | None = None, *, served: Tensor | None = None) -> None:
-    """Exact counterfactuals of each sample's top ``verify_top_k`` sources, in one batched pass.
+           members: Sequence[WideUNet] | None = None, *, served: Tensor | None = None,
+           images: TrainingImages | None = None) -> None:
+    """Exact counterfactuals of each sample's top ``verify_top_k`` candidates, in one batched pass,
+    then those re-ranked by their exact values (the rest keep their synthetic order below them).
 
-    Fills exact_l2 / exact_lpips of those entries, exact_counterfactuals and agreement.
+    Fills exact_l2 / exact_lpips, and with ``images`` exact_resemblance, exact_counterfactuals and
+    agreement (of the ranking score). With ``cfg.exact_decoys`` (and images), that many decoys are
+    run exactly too, in the same pass, and give the verified sources exact p-values.
     served: (n,) bits of the served members (None: all).
     """
-    K = cfg.verify_top_k
-    bits = torch.from_numpy(ens.codebook.bits())
+    K = min([cfg.verify_top_k, *(len(res.ranking) for res in results)])
+    if K == 0:
+        return
+    if cfg.score == "resemblance" and images is None:
+        raise ValueError("score 'resemblance' needs the training images")
+    book = ens.codebook
+    bits = torch.from_numpy(book.bits())
     src = torch.tensor([[r.source for r in res.ranking[:K]] for res in results])  # (B, K)
-    W = ablation_weights(bits[src.flatten()], ens.k, served)
-    sample_index = torch.arange(len(results)).repeat_interleave(src.shape[1])
-    exact = exact_counterfactuals(ens.net, ens.schedule, tape, W, sample_index,
-                                  members=members, max_rows=cfg.max_rows)
-    exact = exact.reshape(len(results), src.shape[1], *exact.shape[1:])
+    rows = bits[src]  # (B, K, n)
+    E = 0
+    if cfg.exact_decoys and images is not None:
+        tested = next((r.significance.tested for r in results if r.significance is not None), len(bits))
+        decoy_bits = _decoys(ens, cfg, served, tested).bits[: cfg.exact_decoys]
+        E = decoy_bits.shape[0]
+        rows = torch.cat([rows, decoy_bits[None].expand(len(results), -1, -1).to(rows.dtype)], dim=1)
+    W = ablation_weights(rows.flatten(0, 1), ens.k, served)
+    sample_index = torch.arange(len(results)).repeat_interleave(K + E)
+    ran = exact_counterfactuals(ens.net, ens.schedule, tape, W, sample_index,
+                                members=members, max_rows=cfg.max_rows)
+    ran = ran.reshape(len(results), K + E, *ran.shape[1:])
+    exact, exact_decoys = ran[:, :K], ran[:, K:]
     for b, res in enumerate(results):
         ref = res.image[None].expand_as(exact[b])
         d_l2 = l2_distance(exact[b], ref).cpu()
         d_lp = lpips(exact[b], ref).cpu() if lpips is not None else None
+        r_exact = None
+        if images is not None:
+            r_exact = _exact_resemblance(exact[b], res.image, images, book.item_source, src[b])
         for j, entry in enumerate(res.ranking[:K]):
             entry.exact_l2 = float(d_l2[j])
             entry.exact_lpips = float(d_lp[j]) if d_lp is not None else None
-        res.exact_counterfactuals = exact[b]
+            if r_exact is not None:
+                entry.exact_resemblance = float(r_exact[j])
+        if r_exact is not None and E and images is not None:
+            null = torch.stack([_exact_resemblance(exact_decoys[b], res.image, images, book.item_source,
+                                                   torch.full((E,), int(s))) for s in src[b].tolist()])
+            tested = res.significance.tested if res.significance is not None else len(bits)
+            p = _p_of(r_exact, null, _p_method(E, tested, cfg.alpha))
+            for j, entry in enumerate(res.ranking[:K]):
+                entry.exact_p_value = float(p[j])
         verified = res.ranking[:K]
-        syn = np.array([e.score(cfg.metric) for e in verified])
-        exa = np.array([e.exact_score(cfg.metric) for e in verified], dtype=float)
+        syn = np.array([e.value(cfg.score, cfg.metric) for e in verified])
+        exa = np.array([e.exact_value(cfg.score, cfg.metric) for e in verified], dtype=float)
         res.agreement = agreement(syn, exa)
+        order = sorted(range(K), key=lambda j: -float(exa[j]))
+        rest = list(range(K, len(res.ranking)))
+        res.ranking = [res.ranking[j] for j in order] + [res.ranking[j] for j in rest]
+        res.exact_counterfactuals = exact[b][order]
+        res.counterfactuals = torch.cat([exact[b][order].to(res.counterfactuals.dtype).cpu().clamp(-1, 1),
+                                         res.counterfactuals[K:]])
+        res.exact = [True] * K + [False] * len(rest)
+        if res.decoy_null is not None:
+            res.decoy_null = torch.cat([res.decoy_null[:K][order], res.decoy_null[K:]])
+
+
+def _exact_resemblance(counterfactuals: Tensor, f: Tensor, images: TrainingImages, item_source: np.ndarray,
+                       sources: Tensor) -> Tensor:
+    """d(cf_s, X_s) - d(f, X_s) of computed counterfactuals (K, C, H, W) of ``sources`` (K,)."""
+    out = torch.empty(len(sources), dtype=torch.float64)
+    f64 = f.detach().to(torch.float64).cpu().flatten()
+    for j, s in enumerate(sources.tolist()):
+        x = _as_float(images, np.flatnonzero(item_source == s)).flatten(1)
+        cf = counterfactuals[j].detach().to(torch.float64).cpu().flatten()
+        out[j] = (x - cf).norm(dim=1).min() - (x - f64).norm(dim=1).min()
+    return out
+
+
+def _as_float(images: TrainingImages, rows: np.ndarray) -> Tensor:
+    """Rows of the training images as float64 in [-1, 1]."""
+    block = images[torch.from_numpy(rows)] if isinstance(images, Tensor) else np.asarray(images[rows])
+    x = torch.as_tensor(block)
+    if x.dtype == torch.uint8:
+        return x.to(torch.float64) / 127.5 - 1.0
+    return x.to(torch.float64)
+
+
+def copy_checks(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution], images: TrainingImages, *,
+                nn_median: float | None = None, ratio: float = COPY_RATIO, served: Tensor | None = None,
+                sources: Tensor | None = None, members: Sequence[WideUNet] | None = None) -> list[CopyCheck]:
+    """The copy check of every attributed sample (``models.copies``), each near-copy confirmed by
+    the exact counterfactual without its nearest image's source: the ranking's own where that
+    source was verified, else one more sampling run (all of them in one batched pass). A source
+    that may not be ranked (``sources``) stays unconfirmed.
+
+    nn_median: the training images' median nearest-neighbour distance (computed when None)."""
+    if nn_median is None:
+        nn_median = nearest_neighbour_median(images)
+    book = ens.codebook
+    allowed = None if sources is None else set(sources.tolist())
+    checks = [copy_check(res.image, images, nn_median, ratio=ratio) for res in results]
+    todo: list[tuple[int, int]] = []  # (sample, source) still to run
+    for b, (res, check) in enumerate(zip(results, checks, strict=True)):
+        if not check.near_copy:
+            continue
+        source = int(book.item_source[int(check.items[0])])
+        verified = [e.exact_resemblance for e in res.ranking if e.source == source]
+        if verified and verified[0] is not None:
+            checks[b] = check.confirm(verified[0])
+        elif allowed is None or source in allowed:
+            todo.append((b, source))
+    if todo:
+        rows = torch.tensor([b for b, _ in todo])
+        bits = torch.from_numpy(book.bits())[[s for _, s in todo]]
+        cf = exact_counterfactuals(ens.net, ens.schedule, tape, ablation_weights(bits, ens.k, served), rows,
+                                   members=members)
+        for j, (b, _) in enumerate(todo):
+            x = _as_float(images, checks[b].items[:1])[0].flatten()
+            f64 = results[b].image.detach().to(torch.float64).cpu().flatten()
+            cf_j = cf[j].detach().to(torch.float64).cpu().flatten()
+            checks[b] = checks[b].confirm(float((cf_j - x).norm() - (f64 - x).norm()))
+    return checks

@@ -48,7 +48,7 @@ def grid(images: Tensor, ncol: int = 8, scale: int = 4, pad: int = 2) -> Image.I
 
 def attribution_figure(samples: Tensor, attributed: Sequence[Tensor],
                        captions: Sequence[Sequence[str]], titles: Sequence[str],
-                       scale: int = 6) -> Image.Image:
+                       scale: int = 6, marked: Sequence[Sequence[bool]] | None = None) -> Image.Image:
     """The paper's Figure 2 layout: each generated sample above its top attributed items.
 
     Args:
@@ -56,6 +56,7 @@ def attribution_figure(samples: Tensor, attributed: Sequence[Tensor],
         attributed: B tensors (K, C, H, W): the top-K training images of each sample.
         captions: B lists of K short strings drawn under each training image (e.g. scores).
         titles: B strings drawn above each sample (e.g. its seed).
+        marked: B lists of K flags: a flagged training image gets a green frame (e.g. significant).
     """
     B, _, H, W = samples.shape
     K = max((a.shape[0] for a in attributed), default=0)
@@ -74,5 +75,8 @@ def attribution_figure(samples: Tensor, attributed: Sequence[Tensor],
         for j in range(attributed[b].shape[0]):
             y0 = text_h + 4 + (j + 1) * cell_h
             canvas.paste(to_pil(attributed[b][j], scale).convert("RGB"), (x0, y0))
+            if marked is not None and marked[b][j]:
+                frame = [(x0 - 2, y0 - 2), (x0 + W * scale + 1, y0 + H * scale + 1)]
+                draw.rectangle(frame, outline=(0, 160, 0), width=2)
             draw.text((x0, y0 + H * scale + 1), captions[b][j][:14], fill="black", font=font)
     return canvas

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.codes import capacity, delta_w_values, unpack_bits
+from models.codes import capacity
 
 IMAGE_CHUNK = 1 << 16
 """Training images converted to float and multiplied per pass."""
@@ -104,17 +104,16 @@ def _segment_min(values: Tensor, segment: Tensor, num_segments: int) -> Tensor:
     return out.scatter_reduce(0, index, values, reduce="amin")
 
 
-def resemblance(terms: ImageTerms, G: Tensor, bits: Tensor, k: int, item_source: np.ndarray) -> Tensor:
+def resemblance(terms: ImageTerms, G: Tensor, dW: Tensor, item_source: np.ndarray) -> Tensor:
     """Synthetic resemblance r_s = d(f + J dw_s, X_s) - d(f, X_s) of every source (S,) float64.
 
-    bits: (S, n) the sources' code bits; item_source: (N,) the source of each training image.
+    dW: (S, n) each source's weight change (``models.ablation.delta_w`` of its code bits);
+    item_source: (N,) the source of each training image.
     """
-    S, n = bits.shape
-    kept, dropped = delta_w_values(n, k)
+    S = dW.shape[0]
     item_source_t = torch.as_tensor(np.asarray(item_source), dtype=torch.long)
-    # each image scored only at its own source's code: dw_s . lin_i, picked without (N, S)
-    item_bits = bits.cpu()[item_source_t].to(torch.float64)  # (N, n)
-    dW_items = kept + (dropped - kept) * item_bits
+    # each image scored only at its own source's dw: dw_s . lin_i, picked without (N, S)
+    dW_items = dW.to(torch.float64).cpu()[item_source_t]  # (N, n)
     q = torch.einsum("si,ij,sj->s", dW_items, G.to(torch.float64).cpu(), dW_items)
     cf_sq = terms.base_sq + 2.0 * (terms.lin * dW_items).sum(dim=1) + q
     cf_d = _segment_min(cf_sq.clamp_min(0.0).sqrt(), item_source_t, S)
@@ -173,20 +172,32 @@ def decoy_pvalues(scores: Tensor, decoy_scores: Tensor) -> Tensor:
     return (1.0 + exceed) / (1.0 + M)
 
 
-def decoy_resemblance(terms: ImageTerms, G: Tensor, decoys: np.ndarray, n: int, k: int,
-                      items: Tensor, item_source: np.ndarray, sources: Tensor) -> Tensor:
+def gaussian_tail_pvalues(scores: Tensor, decoy_scores: Tensor) -> Tensor:
+    """p-values from a normal fit of each source's decoys: the upper tail of
+    z = (score - mean) / sd, scores (S,), decoy_scores (S, M) -> (S,) float64. A fit, for when
+    M decoys are too few for the empirical p-value to reach a corrected level (1 / (1 + M) is its
+    floor); it assumes the null's tail is no heavier than a normal one."""
+    mean = decoy_scores.mean(dim=1)
+    sd = decoy_scores.std(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    z = (scores.to(torch.float64) - mean) / sd
+    return torch.special.ndtr(-z)
+
+
+def decoy_resemblance(terms: ImageTerms, G: Tensor, dW_decoys: Tensor, items: Tensor,
+                      item_source: np.ndarray, sources: Tensor) -> Tensor:
     """Synthetic resemblance of decoy codes, each scored with the images of ``sources``:
     -> (len(sources), M) float64, d(f + J dw_m, X_s) - d(f, X_s).
 
-    items: the training images (indices into ``terms``) of the sources listed; item_source: the
-    source of each training image (to group ``items`` by source)."""
-    kept, dropped = delta_w_values(n, k)
-    dW = kept + (dropped - kept) * torch.from_numpy(unpack_bits(decoys, n)).to(torch.float64)  # (M, n)
+    dW_decoys: (M, n) the decoys' weight changes; items: the training images (indices into
+    ``terms``) of the sources listed; item_source: the source of each training image (to group
+    ``items`` by source)."""
     sub = ImageTerms(terms.base_sq[items], terms.lin[items])
-    d_cf = predicted_distances(sub, G, dW)  # (P, M)
+    d_cf = predicted_distances(sub, G, dW_decoys)  # (P, M)
     d_f = sub.base_sq.sqrt()
     group = torch.as_tensor(np.asarray(item_source)[items.numpy()], dtype=torch.long)
-    slot = {int(s): j for j, s in enumerate(sources.tolist())}
-    seg = torch.tensor([slot[int(g)] for g in group.tolist()], dtype=torch.long)
+    size = max(int(group.max()) if len(group) else 0, int(sources.max()) if len(sources) else 0) + 1
+    slot = torch.full((size,), -1, dtype=torch.long)
+    slot[sources.long()] = torch.arange(len(sources))
+    seg = slot[group]
     num = len(sources)
     return _segment_min(d_cf, seg, num) - _segment_min(d_f, seg, num)[:, None]

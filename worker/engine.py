@@ -37,13 +37,23 @@ from app.orm import (
     SourceCode,
     utcnow,
 )
+from app.registry import RegistryError, stored_dataset
 from app.settings import Settings
 from app.unlearning import OptOutError, RetrainOptions, retrain_lineage
 from experiments import CONFIGS, AnyConfig
 from experiments.common import ENSEMBLE_OPTIONS, ExperimentError
 from models.ablation import gram, jacobian, measurable
-from models.attribute import AttributionConfig, SampleAttribution, attribute_exact, rank_sources, verify
+from models.attribute import (
+    AttributionConfig,
+    SampleAttribution,
+    attribute_exact,
+    conclude,
+    copy_checks,
+    rank_sources,
+    verify,
+)
 from models.codes import mask_bits
+from models.copies import CopyCheck, nearest_neighbour_median
 from models.data import DatasetError
 from models.distances import LPIPSMetric, l2_distance, load_lpips
 from models.ensemble import Ensemble, resolve_device
@@ -69,6 +79,8 @@ class LoadedEnsemble:
     item_of_source: np.ndarray  # (S,) training_item.id of each code-book source
     source_of_item: dict[int, int]  # training_item.id -> source index
     served: torch.Tensor | None = None  # (n,) bits of the served members; None: all of them
+    images: torch.Tensor | None = None  # (N, C, H, W) its training images, loaded when first needed
+    nn_median: float | None = None  # their median nearest-neighbour distance (the copy check's scale)
 
     @property
     def weights(self) -> torch.Tensor | None:
@@ -120,6 +132,22 @@ class EngineCache:
                                 {int(it): i for i, it in enumerate(items) if it >= 0}, served)
         self._ensembles[ensemble_id] = loaded
         return loaded
+
+    def training_images(self, s: Session, le: LoadedEnsemble) -> torch.Tensor:
+        """The ensemble's training images in item order (resemblance, p-values, the copy check), read
+        back from the works the service imported (checked against the data's fingerprint)."""
+        if le.images is None:
+            row = s.get(EnsembleRow, le.row_id)
+            assert row is not None
+            try:
+                ds = stored_dataset(s, row.dataset_id)
+            except RegistryError as exc:
+                raise JobError(f"ensemble {le.row_id}: {exc}") from exc
+            if ds.fingerprint() != le.ens.dataset.fingerprint:
+                raise JobError(f"ensemble {le.row_id}: its stored works are not the data it was trained on")
+            le.images = ds.to_tensor()
+            le.nn_median = nearest_neighbour_median(le.images)
+        return le.images
 
     def lpips(self) -> LPIPSMetric:
         if self._lpips is None:
@@ -232,7 +260,8 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
     attribution_id = int(job.payload["attribution_id"])
     with db.session() as s:
         att, le = _attribution_and_ensemble(s, cache, attribution_id)
-        method, metric, top_k, verify_k = att.method, att.metric, att.top_k, att.verify_top_k
+        method, metric, score = att.method, att.metric, att.score
+        top_k, verify_k = att.top_k, att.verify_top_k
         att.status = "running"
         withdrawn = set(s.scalars(select(OptOut.training_item_id)))
     sources = le.rankable(withdrawn)  # withdrawn works leave new rankings
@@ -240,31 +269,46 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
     if S == 0:
         raise JobError(f"ensemble {le.row_id} has no training work left to rank")
     top_k, verify_k = min(top_k, S), min(verify_k, S)
-    cfg = AttributionConfig(top_k=top_k, metric=metric, rerank=max(top_k, cache.settings.lpips_rerank),
-                            verify_top_k=verify_k)
+    settings = cache.settings
+    try:
+        cfg = AttributionConfig(top_k=top_k, metric=metric, rerank=max(top_k, settings.lpips_rerank),
+                                verify_top_k=verify_k, score=score, decoys=settings.decoys,
+                                alpha=settings.attributable_alpha,
+                                exact_decoys=min(settings.exact_decoys, settings.decoys))
+    except ValueError as exc:
+        raise JobError(f"attribution {attribution_id}: {exc}") from exc
     lp = cache.lpips() if metric == "lpips" else None
+    with db.session() as s:
+        images = cache.training_images(s, le)
     gen, f = _ensure_sample(db, le, att.generation_id)
     progress(0.1)
     tape = make_tape([gen.seed], le.ens.shape, gen.steps)
     f = f.to(cache.device)
     if method == "exact":
         res = attribute_exact(le.ens, tape, f, cfg, lp, le.members,
-                              progress=lambda p: progress(0.1 + 0.85 * p), served=le.served, sources=sources)
+                              progress=lambda p: progress(0.1 + 0.85 * p), served=le.served, sources=sources,
+                              images=images)
     else:
         J = _ensure_jacobian(db, le, gen).to(cache.device)
-        progress(0.6)
-        res = rank_sources(le.ens, [gen.seed], f[None], J, cfg, lp, served=le.served, sources=sources)[0]
-        progress(0.7)
+        progress(0.4)
+        res = rank_sources(le.ens, [gen.seed], f[None], J, cfg, lp, served=le.served, sources=sources,
+                           images=images)[0]
+        progress(0.5)
         if verify_k:
-            verify(le.ens, tape, [res], cfg, lp, le.members, served=le.served)
+            verify(le.ens, tape, [res], cfg, lp, le.members, served=le.served, images=images)
+        conclude(res, cfg)
+    progress(0.9)
+    [check] = copy_checks(le.ens, tape, [res], images, nn_median=le.nn_median, ratio=settings.copy_ratio,
+                          served=le.served, sources=sources, members=le.members)
     progress(0.95)
-    return _write_attribution(db, le, attribution_id, job.id, res, metric, verify_k)
+    return _write_attribution(db, le, attribution_id, job.id, res, cfg, check)
 
 
 def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, job_id: str,
-                       res: SampleAttribution, metric: str, verify_k: int) -> dict[str, Any]:
+                       res: SampleAttribution, cfg: AttributionConfig, check: CopyCheck) -> dict[str, Any]:
     """Replace the entries and mark attribution and job done, in one transaction."""
     exact = res.exact_counterfactuals
+    sig = res.significance
     with db.session() as s:
         s.execute(delete(AttributionEntry).where(AttributionEntry.attribution_id == attribution_id))
         for rank, e in enumerate(res.ranking, 1):
@@ -276,12 +320,27 @@ def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, jo
                 x = exact[rank - 1]
                 cf_sha = put_image(s, png_bytes(x), x.shape[-1], x.shape[-2])
             s.add(AttributionEntry(attribution_id=attribution_id, training_item_id=item, rank=rank,
-                                   score=e.score(metric), exact_score=e.exact_score(metric),
+                                   score=e.value(cfg.score, cfg.metric),
+                                   exact_score=e.exact_value(cfg.score, cfg.metric),
+                                   influence=e.score(cfg.metric), exact_influence=e.exact_score(cfg.metric),
+                                   resemblance=e.resemblance, exact_resemblance=e.exact_resemblance,
+                                   p_value=e.p_value, exact_p_value=e.exact_p_value,
+                                   significant=None if sig is None else sig.names(e),
                                    counterfactual_sha=cf_sha))
         att = s.get(Attribution, attribution_id)
         assert att is not None
         att.status, att.finished_at, att.agreement = "succeeded", utcnow(), res.agreement
-        result = {"attribution_id": attribution_id, "entries": len(res.ranking), "verified": verify_k}
+        att.attributable = None if sig is None else sig.attributable
+        att.significance = None if sig is None else sig.to_json()
+        nearest = [int(le.item_of_source[le.ens.codebook.item_source[int(i)]]) for i in check.items]
+        att.copy_of_item_id = nearest[0] if check.near_copy else None
+        att.near_copy = {
+            "nearest": [{"training_item_id": item, "distance": float(d)}
+                        for item, d in zip(nearest, check.distances, strict=True)],
+            "ratio": check.ratio, "threshold": check.threshold, "near_copy": check.near_copy,
+            "confirmed": check.confirmed, "moved_away": check.moved_away}
+        result = {"attribution_id": attribution_id, "entries": len(res.ranking), "verified": cfg.verify_top_k,
+                  "attributable": att.attributable, "near_copy": check.near_copy}
         jobs.finish(s, job_id, result)
     return result
 

@@ -29,8 +29,22 @@ from app.cli.common import (
     read_owners_csv,
     sampling_steps,
 )
-from models.attribute import METRICS, AttributionConfig, SampleAttribution, attribute
+from models.attribute import (
+    ALPHA,
+    DECOYS,
+    DEFAULT_SCORE,
+    METRICS,
+    SCORES,
+    SET_SOURCE_SCORE,
+    AttributionConfig,
+    SampleAttribution,
+    SourceScore,
+    attribute,
+    copy_checks,
+    default_score,
+)
 from models.codes import GRANULARITIES, CapacityError
+from models.copies import CopyCheck
 from models.data import ImageDataset, load_data
 from models.distances import LPIPSMetric, LPIPSUnavailable, load_lpips
 from models.ensemble import PRESETS, Ensemble
@@ -175,9 +189,11 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     if ds.fingerprint() != ens.dataset.fingerprint:
         raise CLIError(f"--data {spec!r} is not the data {args.ckpt} was trained on "
                        f"(fingerprint mismatch)")
+    score = args.score or (default_score(ens.codebook.granularity) if args.metric == "l2" else "influence")
     try:
         cfg = AttributionConfig(args.top_k, args.metric, max(args.rerank, args.top_k),
-                                args.verify_top_k)
+                                min(args.verify_top_k, ens.codebook.num_sources), score=score,
+                                decoys=args.decoys, alpha=args.alpha)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     lpips: LPIPSMetric | None = None
@@ -187,9 +203,12 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         except LPIPSUnavailable as exc:
             raise CLIError(str(exc)) from exc
     t0 = time.perf_counter()
-    results = attribute(ens, make_tape(seeds, ens.shape, steps), cfg, lpips)
+    images = ds.to_tensor()
+    tape = make_tape(seeds, ens.shape, steps)
+    results = attribute(ens, tape, cfg, lpips, images=images)
+    checks = copy_checks(ens, tape, results, images)
     seconds = time.perf_counter() - t0
-    report = _report(ens, ds, results, cfg, steps, seconds, lpips)
+    report = _report(ens, ds, results, checks, cfg, steps, seconds, lpips)
     if args.out_json:
         Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out_json).write_text(json.dumps(report, indent=2))
@@ -207,30 +226,43 @@ def _source_items(ens: Ensemble, ds: ImageDataset, s: int, limit: int = 10) -> d
             "num_items": len(items)}
 
 
-def _report(ens: Ensemble, ds: ImageDataset, results: list[SampleAttribution],
+def _report(ens: Ensemble, ds: ImageDataset, results: list[SampleAttribution], checks: list[CopyCheck],
             cfg: AttributionConfig, steps: int, seconds: float,
             lpips: LPIPSMetric | None) -> dict[str, Any]:
     keys = ens.codebook.source_keys
     samples = []
-    for res in results:
+    for res, check in zip(results, checks, strict=True):
         ranking = []
         for rank, e in enumerate(res.ranking, 1):
             entry: dict[str, Any] = {"rank": rank, "source": keys[e.source],
-                                     "score": e.score(cfg.metric), "l2": e.l2}
+                                     "score": e.value(cfg.score, cfg.metric), "l2": e.l2,
+                                     "resemblance": e.resemblance, "p_value": e.p_value}
             if e.lpips is not None:
                 entry["lpips"] = e.lpips
             if e.exact_l2 is not None:
-                entry["exact_score"] = e.exact_score(cfg.metric)
+                entry["exact_score"] = e.exact_value(cfg.score, cfg.metric)
                 entry["exact_l2"] = e.exact_l2
+                entry["exact_resemblance"] = e.exact_resemblance
+                entry["exact_p_value"] = e.exact_p_value
+            if res.significance is not None:
+                entry["significant"] = res.significance.names(e)
             entry.update(_source_items(ens, ds, e.source))
             ranking.append(entry)
-        samples.append({"seed": res.seed, "ranking": ranking, "verification": res.agreement})
+        sig = res.significance
+        samples.append({"seed": res.seed, "ranking": ranking, "verification": res.agreement,
+                        "attributable": None if sig is None else sig.attributable,
+                        "significance": None if sig is None else sig.to_json(),
+                        "near_copy": {"nearest": [keys[int(ens.codebook.item_source[i])]
+                                                  for i in check.items],
+                                      "distances": check.distances.tolist(), "ratio": check.ratio,
+                                      "threshold": check.threshold, "near_copy": check.near_copy,
+                                      "confirmed": check.confirmed, "moved_away": check.moved_away}})
     return {
         "ensemble": {"n": ens.n, "k": ens.k, "T": ens.schedule.T, "preset": ens.preset,
                      "granularity": ens.codebook.granularity,
                      "sources": ens.codebook.num_sources, "dataset": ens.dataset.name},
-        "method": "synthetic", "metric": cfg.metric, "top_k": cfg.top_k, "steps": steps,
-        "verify_top_k": cfg.verify_top_k,
+        "method": "synthetic", "metric": cfg.metric, "score": cfg.score, "top_k": cfg.top_k, "steps": steps,
+        "verify_top_k": cfg.verify_top_k, "decoys": cfg.decoys, "alpha": cfg.alpha,
         "lpips_random_trunk": None if lpips is None else lpips.random_trunk,
         "seconds": round(seconds, 3), "samples": samples,
     }
@@ -240,13 +272,23 @@ def _figure(ens: Ensemble, ds: ImageDataset, results: list[SampleAttribution],
             cfg: AttributionConfig, top: int) -> Any:
     x_train = ds.to_tensor()
     samples = torch.stack([r.image.cpu().float() for r in results])
-    attributed, captions = [], []
+    attributed, captions, marked = [], [], []
     for r in results:
         firsts = [int(ens.codebook.source_items(e.source)[0]) for e in r.ranking[:top]]
         attributed.append(x_train[firsts])
-        captions.append([f"{e.score(cfg.metric):.3f}" for e in r.ranking[:top]])
-    titles = [f"seed {r.seed}" for r in results]
-    return attribution_figure(samples, attributed, captions, titles)
+        captions.append([_caption(e, cfg) for e in r.ranking[:top]])
+        sig = r.significance
+        marked.append([sig is not None and sig.names(e) for e in r.ranking[:top]])
+    titles = [f"seed {r.seed}" + ("" if r.significance is None or r.significance.attributable else " (n/a)")
+              for r in results]
+    return attribution_figure(samples, attributed, captions, titles, marked=marked)
+
+
+def _caption(e: SourceScore, cfg: AttributionConfig) -> str:
+    """The ranking score (exact where verified) and its p-value."""
+    exact = e.exact_value(cfg.score, cfg.metric)
+    value = e.value(cfg.score, cfg.metric) if exact is None else exact
+    return f"{value:.2f}" + ("" if e.p is None else f" p{e.p:.0e}")
 
 
 # ---------------------------------------------------------------------------- info
@@ -315,16 +357,26 @@ def add_parsers(sub: Any) -> None:
 
     a = sub.add_parser("attribute", help="rank training sources for generated samples",
                        description="Synthetic ablation: one forward-mode Jacobian per sample "
-                                   "ranks every source; optional LPIPS re-ranking and exact "
-                                   "verification of the top-k.")
+                                   "scores every source (resemblance and influence); the top "
+                                   "--verify-top-k are re-ranked by exact counterfactuals; decoy "
+                                   "p-values say whether a sample is attributable; a copy check "
+                                   "says whether it is a near-copy of a training image.")
     seeds(a)
     a.add_argument("--data", default=None,
                    help="training data (default: the spec stored in the checkpoint)")
     a.add_argument("--top-k", type=int, default=10, help="sources reported per sample")
     a.add_argument("--metric", choices=METRICS, default="l2", help="distance (default l2)")
     a.add_argument("--rerank", type=int, default=50, help="candidates LPIPS re-ranks")
-    a.add_argument("--verify-top-k", type=int, default=0,
-                   help="exact counterfactuals for the top K (agreement in the report)")
+    a.add_argument("--score", choices=SCORES, default=None,
+                   help=f"what ranks (default {DEFAULT_SCORE} for item sources, {SET_SOURCE_SCORE} for "
+                        "class and owner sources and with --metric lpips); both are reported")
+    a.add_argument("--verify-top-k", type=int, default=50,
+                   help="exact counterfactuals for the synthetic top K, re-ranked by them (default 50, "
+                        "the service's; 0: synthetic only)")
+    a.add_argument("--decoys", type=int, default=DECOYS,
+                   help=f"decoy codes the p-values count against (default {DECOYS})")
+    a.add_argument("--alpha", type=float, default=ALPHA,
+                   help=f"family-wise error level of 'attributable' (default {ALPHA})")
     a.add_argument("--lpips-random-trunk", action="store_true",
                    help="TESTING ONLY: LPIPS with a random trunk (no ImageNet weights)")
     a.add_argument("--out-json", default=None, help="write the JSON report here")

@@ -174,7 +174,8 @@ def add_parsers(sub: Any) -> None:
 
     p = vs.add_parser("copies", help="copy detection on a small training set (paper Figure 2a)",
                       description="Samples that nearly copy a training image should be attributed "
-                                  "to that image first.")
+                                  "to that image first, and called attributable; with the codes "
+                                  "shuffled after training (a control), nothing may be.")
     common(p, CopiesConfig)
     copy_ratio = _default(CopiesConfig, "copy_ratio")
     p.add_argument("--copy-ratio", type=float, default=copy_ratio,
@@ -188,3 +189,10 @@ def add_parsers(sub: Any) -> None:
                    help="also ablate every source exactly for the near-copies (or all samples): "
                         "whether the exact top source is the copied image, i.e. whether a miss is "
                         "the estimate's or the model's (samples x sources diffusion runs)")
+    p.add_argument("--verify-top-k", type=int, default=_default(CopiesConfig, "verify_top_k"),
+                   help="the service's attribution: synthetic top K re-ranked exactly (default "
+                        f"{_default(CopiesConfig, 'verify_top_k')}, the service's)")
+    p.add_argument("--decoys", type=int, default=_default(CopiesConfig, "decoys"),
+                   help="decoy codes of the p-values (default %(default)s)")
+    p.add_argument("--exact-decoys", type=int, default=_default(CopiesConfig, "exact_decoys"),
+                   help="decoys also run exactly, for exact p-values (default %(default)s)")

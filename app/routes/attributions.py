@@ -27,7 +27,14 @@ from app.routes.lookups import (
     key_in_use,
     replay,
 )
-from app.schemas import AttributeAccepted, AttributeCreate, AttributionPublic, EntryPublic
+from app.schemas import (
+    AttributeAccepted,
+    AttributeCreate,
+    AttributionPublic,
+    EntryPublic,
+    NearCopyPublic,
+    SignificancePublic,
+)
 from app.settings import Settings
 from app.writer import Tx
 
@@ -65,7 +72,10 @@ def _attribute(tx: Tx, body: AttributeCreate, settings: Settings,
 def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
     rows = s.execute(
         select(AttributionEntry.rank, AttributionEntry.training_item_id, AttributionEntry.score,
-               AttributionEntry.exact_score, AttributionEntry.counterfactual_sha, TrainingItem.external_ref,
+               AttributionEntry.exact_score, AttributionEntry.influence, AttributionEntry.exact_influence,
+               AttributionEntry.resemblance, AttributionEntry.exact_resemblance, AttributionEntry.p_value,
+               AttributionEntry.exact_p_value, AttributionEntry.significant,
+               AttributionEntry.counterfactual_sha, TrainingItem.external_ref,
                TrainingItem.label, TrainingItem.owner_id, Owner.name.label("owner_name"),
                OptOut.created_at.label("withdrawn_at"))
         .join(TrainingItem, TrainingItem.id == AttributionEntry.training_item_id)
@@ -75,13 +85,22 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
         .order_by(AttributionEntry.rank)
     ).all()
     entries = [EntryPublic(rank=r.rank, training_item_id=r.training_item_id, score=r.score,
-                           exact_score=r.exact_score,
+                           exact_score=r.exact_score, influence=r.influence,
+                           exact_influence=r.exact_influence,
+                           resemblance=r.resemblance, exact_resemblance=r.exact_resemblance,
+                           p_value=r.p_value, exact_p_value=r.exact_p_value, significant=r.significant,
                            counterfactual_url=f"/attributions/{att.id}/counterfactual/{r.training_item_id}.png",
                            counterfactual_kind="exact" if r.counterfactual_sha else "predicted",
                            external_ref=r.external_ref, label=r.label, owner_id=r.owner_id,
                            owner_name=r.owner_name, withdrawn_at=r.withdrawn_at) for r in rows]
     return AttributionPublic(id=att.id, generation_id=att.generation_id, method=att.method, metric=att.metric,
-                             top_k=att.top_k, verify_top_k=att.verify_top_k, status=att.status,  # type: ignore[arg-type]
+                             score=att.score, top_k=att.top_k, verify_top_k=att.verify_top_k,  # type: ignore[arg-type]
+                             status=att.status,  # type: ignore[arg-type]
+                             attributable=att.attributable,
+                             significance=SignificancePublic.model_validate(att.significance)
+                             if att.significance else None,
+                             near_copy=NearCopyPublic.model_validate(att.near_copy)
+                             if att.near_copy else None,
                              agreement=att.agreement, created_at=att.created_at, finished_at=att.finished_at,
                              entries=entries)
 

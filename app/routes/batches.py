@@ -16,6 +16,7 @@ from app.routes.lookups import (
     check_attribute_limits,
     generations_for,
     key_in_use,
+    ranking_score,
     replay,
     sampling_steps,
     serving_ensemble,
@@ -62,6 +63,9 @@ def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Setting
     ens = serving_ensemble(tx, body.ensemble_id, settings)
     steps = sampling_steps(body.steps, ens, settings)
     options = body.attribute
+    if options is not None:  # stored with the service's defaults filled in, so that they stay its own
+        options = options.model_copy(update={"score": ranking_score(options, settings),
+                                             "verify_top_k": verified_top_k(options, settings)})
     batch = Batch(ensemble_id=ens.id, steps=steps, total=len(seeds),
                   attribute=options.model_dump() if options else None)
     s.add(batch)
@@ -87,7 +91,7 @@ def _create_batch(tx: Tx, body: BatchCreate, seeds: list[int], settings: Setting
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic, summary="Progress over a whole batch")
-def get_batch(batch_id: PathId, _: OperatorDep, s: SessionDep) -> BatchPublic:
+def get_batch(batch_id: PathId, _: OperatorDep, s: SessionDep, settings: SettingsDep) -> BatchPublic:
     b = s.get(Batch, batch_id)
     if b is None:
         raise HTTPException(404, f"batch {batch_id} not found")
@@ -102,11 +106,13 @@ def get_batch(batch_id: PathId, _: OperatorDep, s: SessionDep) -> BatchPublic:
     gen_ids = [int(i) for i in b.generation_ids]
     att_ids: list[int] = []
     if b.attribute:
-        options = AttributeOptions.model_validate(b.attribute)
+        # a batch stored before scores were chosen was ranked by influence
+        options = AttributeOptions.model_validate({"score": "influence", **b.attribute})
         by_gen = dict(s.execute(select(Attribution.generation_id, Attribution.id).where(
             Attribution.generation_id.in_(gen_ids), Attribution.method == options.method,
             Attribution.metric == options.metric, Attribution.top_k == options.top_k,
-            Attribution.verify_top_k == verified_top_k(options))).all())
+            Attribution.verify_top_k == verified_top_k(options, settings),
+            Attribution.score == ranking_score(options, settings))).all())
         att_ids = [by_gen[g] for g in gen_ids if g in by_gen]
     return BatchPublic(id=b.id, ensemble_id=b.ensemble_id, steps=b.steps, total=b.total,
                        attribute=b.attribute,

@@ -102,7 +102,11 @@ def replay(s: Session, idempotency_key: str | None, kind: str) -> Job | None:
 def check_attribute_limits(options: AttributeOptions, settings: Settings) -> None:
     """Before any replay by Idempotency-Key: a request past a limit is a 422 every time."""
     check_limit("max_top_k", options.top_k, settings, "top_k")
-    check_limit("max_verify_top_k", options.verify_top_k, settings, "verify_top_k")
+    if options.verify_top_k is not None:
+        check_limit("max_verify_top_k", options.verify_top_k, settings, "verify_top_k")
+    if options.score == "resemblance" and options.metric != "l2":
+        raise HTTPException(422, "score 'resemblance' is measured in pixel L2: use metric 'l2' (or score "
+                            "'influence' with metric 'lpips')")
 
 
 @contextmanager
@@ -117,10 +121,21 @@ def key_in_use(idempotency_key: str | None) -> Iterator[None]:
         raise
 
 
-def verified_top_k(options: AttributeOptions) -> int:
-    """How many entries get an exact score: exact rankings are exact already, and verifying more
-    than the reported top_k means all of them."""
-    return 0 if options.method == "exact" else min(options.verify_top_k, options.top_k)
+def verified_top_k(options: AttributeOptions, settings: Settings) -> int:
+    """How many of the synthetic top are re-ranked exactly: the request's, else the service's default;
+    exact rankings are exact already (0)."""
+    if options.method == "exact":
+        return 0
+    if options.verify_top_k is None:
+        return min(settings.default_verify_top_k, settings.max_verify_top_k)
+    return options.verify_top_k
+
+
+def ranking_score(options: AttributeOptions, settings: Settings) -> str:
+    """What ranks: the request's score, else the service's default (influence for metric lpips)."""
+    if options.score is not None:
+        return options.score
+    return settings.default_score if options.metric == "l2" else "influence"
 
 
 _GENERATION_REF = (Generation.id, Generation.seed, Generation.status)
@@ -155,7 +170,7 @@ def attributions_for(s: Session, gens: Sequence[Row[Any] | Generation], options:
     A failed attribution asked for again is reset (a retry); one pending or running keeps its job."""
     check_attribute_limits(options, settings)
     key = dict(method=options.method, metric=options.metric, top_k=options.top_k,
-               verify_top_k=verified_top_k(options))
+               verify_top_k=verified_top_k(options, settings), score=ranking_score(options, settings))
     gen_ids = [g.id for g in gens]
 
     def load() -> dict[int, Attribution]:

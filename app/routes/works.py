@@ -82,7 +82,9 @@ async def get_influence(work_id: PathId, p: OwnerDep, db: DatabaseDep, reads: Re
 
 _INFLUENCE = (
     select(AttributionEntry.rank, AttributionEntry.score, AttributionEntry.exact_score,
+           func.coalesce(AttributionEntry.exact_p_value, AttributionEntry.p_value).label("p_value"),
            Attribution.id.label("attribution_id"), Attribution.top_k, Attribution.method, Attribution.metric,
+           Attribution.score.label("score_name"), Attribution.attributable, Attribution.copy_of_item_id,
            Attribution.finished_at, Attribution.created_at,
            Generation.id.label("generation_id"), Generation.ensemble_id, Generation.seed)
     .join(Attribution, Attribution.id == AttributionEntry.attribution_id)
@@ -116,7 +118,9 @@ def influence_page(db: Database, p: Principal, work_id: int, offset: int, limit_
                 raise HTTPException(404, f"work {work_id} not found")
             total = c.scalar(_INFLUENCE_TOTAL, {"work_id": work_id}) if offset else 0
     base = f"/works/{work_id}/influence"
-    items = [InfluencePublic(rank=r.rank, score=r.score, exact_score=r.exact_score,
+    items = [InfluencePublic(rank=r.rank, score=r.score, exact_score=r.exact_score, score_name=r.score_name,
+                             p_value=r.p_value, attributable=r.attributable,
+                             near_copy=r.copy_of_item_id == work_id,
                              attribution_id=r.attribution_id, top_k=r.top_k, method=r.method, metric=r.metric,
                              created_at=r.finished_at or r.created_at, generation_id=r.generation_id,
                              ensemble_id=r.ensemble_id, seed=r.seed,

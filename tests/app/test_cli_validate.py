@@ -80,7 +80,10 @@ def test_fidelity_and_broken_control(tmp_path: Path) -> None:
     rho = [p["synthetic"]["spearman"] for p in r["per_sample"]]
     assert r["summary"]["synthetic"]["median_spearman"] == pytest.approx(np.median(rho))
     assert set(r["targets"]) == {"median_spearman", "median_recall_at_k", "beats_pixel_spearman",
-                                 "beats_pixel_recall"}
+                                 "beats_pixel_recall", "resemblance_median_spearman",
+                                 "verified_recall_influence", "verified_recall_resemblance"}
+    r_rho = [p["resemblance"]["spearman"] for p in r["per_sample"]]
+    assert r["summary"]["resemblance"]["median_spearman"] == pytest.approx(np.median(r_rho))
     assert r["passed"] == all(t["met"] for t in r["targets"].values())
     for png in r["figures"]:
         assert Image.open(good / png).size[0] > 100
@@ -90,12 +93,13 @@ def test_fidelity_and_broken_control(tmp_path: Path) -> None:
     rb = _report(bad)
     assert rb["broken_scores"] is True and rb["passed"] is False
     assert rb["summary"]["synthetic"]["median_spearman"] < r["summary"]["synthetic"]["median_spearman"]
-    # --sources N: random N plus both top lists
+    assert rb["summary"]["resemblance"]["median_spearman"] < r["summary"]["resemblance"]["median_spearman"]
+    # --sources N: random N plus the three top lists (influence, pixel, resemblance)
     sub = tmp_path / "sub"
     assert main(["validate", "fidelity", "--out", str(sub), "--checkpoint", str(good / "ensemble.pt"),
                  "--samples", "1", "--steps", "3", "--sources", "5", "--top", "3", "--device", "cpu"]) == 0
     rs = _report(sub)
-    assert 5 <= rs["per_sample"][0]["candidates"] <= 11
+    assert 5 <= rs["per_sample"][0]["candidates"] <= 14
     # screen-then-verify depths: 2k and `--top`, deeper than k, never deeper than the top list
     assert set(r["summary"]["verified"]) == {"20", "50"}
     assert rs["summary"]["verified"] == {}

@@ -307,13 +307,17 @@ def test_exact_copy_check_brute_force(tiny_ensemble: Ensemble, tiny_data: TinyDa
     # nn_rank: the nearest image's position in the full synthetic order (top = all S sources here)
     np.testing.assert_array_equal(res.nn_rank, [1 + list(res.top_sources[b]).index(res.nn_source[b])
                                                 for b in range(3)])
-    chk = copies.exact_copy_check(ens, tape, res, np.array([2, 0]))
-    assert chk.exact is not None and res.exact is None
+    chk = copies.exact_copy_check(ens, tape, res, np.array([2, 0]), tiny_data.x)
+    assert chk.exact is not None and res.exact is None and chk.exact_resemblance is not None
     assert chk.exact.shape == (2, S) and list(chk.exact_rows) == [2, 0]
     for j, b in enumerate([2, 0]):
         for s in (0, 7, S - 1):
-            d = float((_exact(ens, b, s) - res.images[b]).flatten().norm())
+            cf = _exact(ens, b, s)
+            d = float((cf - res.images[b]).flatten().norm())
             assert chk.exact[j, s] == pytest.approx(d, rel=1e-4, abs=1e-5)
+            x = tiny_data.x[s]  # item granularity: source s is item s
+            r = float((cf - x).flatten().norm() - (res.images[b] - x).flatten().norm())
+            assert chk.exact_resemblance[j, s] == pytest.approx(r, rel=1e-4, abs=1e-5)
     st = copies.copy_stats(chk, copy_ratio=1e9)["exact"]
     top1 = chk.exact.argmax(1)
     assert st["all_checked"]["exact_top1_rate"] == pytest.approx(np.mean(top1 == res.nn_source[[2, 0]]))
@@ -352,10 +356,15 @@ def test_run_returns_the_report_it_writes(tmp_path: Path) -> None:
                                  steps=3, copy_ratio=1e9)
     stages: list[str] = []
     report = run(config, tmp_path, lambda stage, done, total: stages.append(stage))
-    assert set(stages) == set(config.stages()) == {"train", "jacobian"}
+    assert set(stages) == set(config.stages()) == {"train", "jacobian", "trust"}
     outcome = report.targets["top1_rate_copies"]
     assert outcome.target is copies.TOP1_RATE_COPIES and outcome.met == (outcome.value >= 0.9)
-    assert report.passed is outcome.met
+    assert set(report.targets) == {"top1_rate_copies", "top3_rate_copies", "attributable_copies",
+                                   "shuffled_attributable"}
+    assert report.passed is all(o.met for o in report.targets.values())
+    trust = report.numbers["trust"]
+    assert trust["score"] == "resemblance" and trust["verify_top_k"] == 30  # all 30 sources, verified
+    assert set(trust) >= {"service_default", "synthetic_only", "shuffled_codes"}
     written = json.loads((tmp_path / "report.json").read_text())
     assert written == report.to_json() and written["passed"] is report.passed
     assert written["targets"]["top1_rate_copies"]["target"] == ">= 0.9" and written["n_copies"] == 2

@@ -53,7 +53,7 @@ def test_item_resemblance_equals_brute_force(jac: tuple[torch.Tensor, torch.Tens
     book = tiny_ensemble.codebook
     bits = torch.from_numpy(book.bits())
     terms = image_terms(f, J, tiny_data.x)
-    r = resemblance(terms, gram(J[None])[0], bits, book.k, book.item_source)
+    r = resemblance(terms, gram(J[None])[0], delta_w(bits, book.k), book.item_source)
     brute = _brute_resemblance(f, J, delta_w(bits, book.k), tiny_data.x, book.item_source, book.num_sources)
     torch.testing.assert_close(r, brute, rtol=1e-5, atol=1e-5)
 
@@ -65,7 +65,8 @@ def test_set_sources_use_the_nearest_image(jac: tuple[torch.Tensor, torch.Tensor
     item_source = tiny_data.labels % 4  # four sources of ~15 images each
     codes = tiny_ensemble.codebook.codes[:4]
     bits = torch.from_numpy(unpack_bits(codes, tiny_ensemble.n))
-    r = resemblance(image_terms(f, J, tiny_data.x), gram(J[None])[0], bits, tiny_ensemble.k, item_source)
+    r = resemblance(image_terms(f, J, tiny_data.x), gram(J[None])[0], delta_w(bits, tiny_ensemble.k),
+                   item_source)
     brute = _brute_resemblance(f, J, delta_w(bits, tiny_ensemble.k), tiny_data.x, item_source, 4)
     torch.testing.assert_close(r, brute, rtol=1e-5, atol=1e-5)
 
@@ -126,6 +127,10 @@ def test_pvalues_count_decoys_at_least_as_high() -> None:
     assert decoy_pvalues(scores, decoys).tolist() == [1 / 5, 5 / 5, 3 / 5]
 
 
+def _dw(codes: np.ndarray, n: int, k: int) -> torch.Tensor:
+    return delta_w(torch.from_numpy(unpack_bits(codes, n)), k)
+
+
 def _planted(seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
     """A synthetic linear 'ensemble' (f, J: n = 12 members) whose members in ``code`` pulled the
     sample towards image x0: removing them moves f away from x0, removing others does not."""
@@ -149,17 +154,17 @@ def test_planted_source_has_a_small_pvalue_and_shuffled_ones_are_uniform() -> No
         terms = image_terms(f, J, x0)
         decoys = decoy_codes(planted.tolist(), n, k, 400, seed=seed)
         bits = torch.from_numpy(unpack_bits(planted, n))
-        r = resemblance(terms, G, bits, k, np.zeros(1, dtype=np.int64))
-        null = decoy_resemblance(terms, G, decoys, n, k, torch.tensor([0]), np.zeros(1, dtype=np.int64),
+        r = resemblance(terms, G, delta_w(bits, k), np.zeros(1, dtype=np.int64))
+        null = decoy_resemblance(terms, G, _dw(decoys, n, k), torch.tensor([0]), np.zeros(1, dtype=np.int64),
                                  torch.tensor([0]))
         small.append(float(decoy_pvalues(r, null)[0]))
         # The same image paired with a random other code: a draw from its own null.
         other = decoy_codes(planted.tolist(), n, k, 1, seed=1000 + seed)
         one = np.zeros(1, dtype=np.int64)
-        r_other = resemblance(terms, G, torch.from_numpy(unpack_bits(other, n)), k, one)
-        null_other = decoy_resemblance(terms, G, decoy_codes(np.r_[planted, other].tolist(), n, k, 400,
-                                                             seed=seed), n, k, torch.tensor([0]),
-                                       np.zeros(1, dtype=np.int64), torch.tensor([0]))
+        r_other = resemblance(terms, G, _dw(other, n, k), one)
+        null_other = decoy_resemblance(terms, G, _dw(decoy_codes(np.r_[planted, other].tolist(), n, k, 400,
+                                                                 seed=seed), n, k), torch.tensor([0]), one,
+                                       torch.tensor([0]))
         shuffled.append(float(decoy_pvalues(r_other, null_other)[0]))
     # Decoys sharing most of the planted members move the sample away from x0 too: small, not minimal.
     assert np.median(small) <= 0.01 and max(small) <= 0.05

@@ -60,7 +60,7 @@ def test_masked_ranking_matches_exact_weights(tiny_ensemble: Ensemble) -> None:
     ens = tiny_ensemble
     tape = make_tape([5], ens.shape, 8)
     f, J = jacobian(ens.net, ens.schedule, tape)
-    cfg = AttributionConfig(top_k=5)
+    cfg = AttributionConfig(top_k=5, score="influence")
     full = _bits((1 << ens.n) - 1, ens.n)
     a = rank_sources(ens, tape.seeds, f, J, cfg)[0]
     b = rank_sources(ens, tape.seeds, f, J, cfg, served=full)[0]

@@ -6,13 +6,20 @@ from __future__ import annotations
 import re
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from app.orm import Attribution, AttributionEntry
 from tests.service.conftest import Service
 
 
-def attribute_seeds(svc: Service, seeds: list[int], steps: int = 6, **options: object) -> list[int]:
+def attribute_seeds(svc: Service, seeds: list[int], steps: int = 6, name_top: int = 0,
+                    **options: object) -> list[int]:
     """Sample ``seeds`` and attribute each (``options`` as for POST /attribute); the jobs are
-    run. Returns the attribution ids, in seed order."""
+    run. Returns the attribution ids, in seed order.
+
+    name_top: make each attribution one that names its top ``name_top`` works (attributable, those
+    significant), as a significant attribution would: the tiny test ensemble copies nothing, so
+    its own attributions are not attributable and share nothing."""
     r = svc.client.post("/generate", json={"seeds": seeds, "steps": steps}, headers=svc.op())
     assert r.status_code == 202, r.text
     out = []
@@ -21,6 +28,11 @@ def attribute_seeds(svc: Service, seeds: list[int], steps: int = 6, **options: o
         assert a.status_code == 202, a.text
         out.append(a.json()["attribution_id"])
     assert set(svc.run_jobs()) <= {"succeeded"}
+    if name_top:
+        with svc.db.session() as s:
+            s.execute(update(AttributionEntry).where(AttributionEntry.attribution_id.in_(out))
+                      .values(significant=AttributionEntry.rank <= name_top))
+            s.execute(update(Attribution).where(Attribution.id.in_(out)).values(attributable=True))
     return out
 
 

@@ -19,6 +19,7 @@ from models.distances import l2_distance
 from models.ensemble import Ensemble
 from models.images import png_bytes
 from models.sampler import exact_counterfactuals, make_tape, sample
+from tests.conftest import TinyData
 from tests.service.conftest import OWNERS, Service, owner_of_label
 
 
@@ -253,10 +254,10 @@ def test_unknown_ensemble_generation_404(svc: Service) -> None:
 def test_synthetic_attribution_matches_the_engine(svc: Service, tiny_ensemble: Ensemble) -> None:
     gid = generate(svc, [5])["generation_ids"][0]
     svc.run_jobs()
-    acc = attribute(svc, gid, top_k=6, verify_top_k=2)
+    acc = attribute(svc, gid, top_k=6, verify_top_k=2, score="influence")
     assert svc.run_jobs() == ["succeeded"]
     att = svc.client.get(f"/attributions/{acc['attribution_id']}", headers=svc.op()).json()
-    assert att["status"] == "succeeded" and len(att["entries"]) == 6
+    assert att["status"] == "succeeded" and len(att["entries"]) == 6 and att["score"] == "influence"
     assert [e["rank"] for e in att["entries"]] == list(range(1, 7))
 
     ens = tiny_ensemble
@@ -269,6 +270,7 @@ def test_synthetic_attribution_matches_the_engine(svc: Service, tiny_ensemble: E
         label_of = dict(s.execute(select(TrainingItem.id, TrainingItem.label)).all())
     got = [index_of[e["training_item_id"]] for e in att["entries"]]
     np.testing.assert_allclose([e["score"] for e in att["entries"]], scores[got].numpy(), rtol=1e-4)
+    assert [e["score"] for e in att["entries"]] == [e["influence"] for e in att["entries"]]
     assert sorted(scores.numpy(), reverse=True)[5] == pytest.approx(att["entries"][-1]["score"], rel=1e-4)
     for e in att["entries"]:
         assert e["owner_name"] == owner_of_label(label_of[e["training_item_id"]])
@@ -293,7 +295,8 @@ def test_synthetic_attribution_matches_the_engine(svc: Service, tiny_ensemble: E
     assert svc.client.get(f"/generations/{gid}", headers=svc.op()).json()["has_jacobian"] is True
 
 
-def test_exact_attribution_equals_brute_force(svc: Service, tiny_ensemble: Ensemble) -> None:
+def test_exact_attribution_equals_brute_force(svc: Service, tiny_ensemble: Ensemble,
+                                             tiny_data: TinyData) -> None:
     gid = generate(svc, [2], steps=10)["generation_ids"][0]
     acc = attribute(svc, gid, method="exact", top_k=4, verify_top_k=3)  # samples the generation itself
     assert svc.run_jobs() == ["succeeded", "succeeded"]
@@ -305,11 +308,15 @@ def test_exact_attribution_equals_brute_force(svc: Service, tiny_ensemble: Ensem
     W = ablation_weights(torch.from_numpy(ens.codebook.bits()), ens.k)
     x = exact_counterfactuals(ens.net, ens.schedule, tape, W, torch.zeros(len(W), dtype=torch.long))
     d = l2_distance(x, f.expand_as(x)).numpy()
+    x_train = tiny_data.x[: len(W)]  # item granularity: source s is item s
+    r = (l2_distance(x, x_train) - l2_distance(f.expand_as(x_train), x_train)).numpy()  # resemblance
     with svc.db.session() as s:
         index_of = dict(s.execute(select(TrainingItem.id, TrainingItem.index)).all())
     got = [index_of[e["training_item_id"]] for e in att["entries"]]
-    np.testing.assert_allclose([e["score"] for e in att["entries"]], d[got], rtol=1e-5)
-    np.testing.assert_allclose(sorted(d, reverse=True)[:4], d[got], rtol=1e-5)
+    assert att["score"] == "resemblance" and att["attributable"] is None  # exact: no decoy null
+    np.testing.assert_allclose([e["score"] for e in att["entries"]], r[got], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sorted(r, reverse=True)[:4], r[got], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([e["influence"] for e in att["entries"]], d[got], rtol=1e-5)
     assert all(e["exact_score"] == e["score"] and e["counterfactual_kind"] == "exact" for e in att["entries"])
 
 

@@ -68,7 +68,7 @@ def served(svc: Service) -> Iterator[str]:
 
 def test_holder_and_docs_in_chromium(svc: Service, served: str, tmp_path: Path) -> None:
     sync_playwright = _browser_or_skip()
-    aids = attribute_seeds(svc, [3, 4], top_k=20, verify_top_k=2)
+    aids = attribute_seeds(svc, [3, 4], top_k=20, verify_top_k=2, name_top=5)
     ranking = svc.client.get(f"/attributions/{aids[0]}", headers=svc.op()).json()
     mine = next(e for e in ranking["entries"] if e["owner_name"] == "alice")
     theirs = next(e for e in ranking["entries"] if e["owner_name"] == "bob")

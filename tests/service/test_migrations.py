@@ -159,3 +159,46 @@ def test_opt_outs_migration(url: str) -> None:
         statuses = c.execute(text("SELECT status FROM ensemble ORDER BY id")).scalars().all()
         assert statuses == ["retired", "ready"]
     engine.dispose()
+
+
+def test_trust_migration(url: str) -> None:
+    """0005 -> 0006: existing attributions were ranked by influence (their entries' score is their
+    influence); a second attribution of the same request differing only in score is admitted; back
+    to 0005 drops the resemblance-ranked ones and keeps the rest."""
+    migrate.upgrade(url, "0005")
+    engine = create_engine(url)
+    with engine.begin() as c:
+        for sql in (
+            "INSERT INTO image (sha256, png, width, height, created_at) VALUES ('i', :png, 8, 8, '2026-01-01')",
+            "INSERT INTO dataset (id, name, channels, height, width, item_count, spec, fingerprint, created_at) "
+            "VALUES (1, 'd', 1, 8, 8, 1, '{}', 'f', '2026-01-01')",
+            "INSERT INTO training_item (id, dataset_id, \"index\", external_ref, sha256, image_sha) "
+            "VALUES (1, 1, 0, 'r', 's', 'i')",
+            "INSERT INTO ensemble (id, name, dataset_id, n, k, \"T\", config, granularity, checkpoint, status, "
+            "created_at, served_members, withdrawn) VALUES (1, 'e', 1, 8, 4, 20, '{}', 'item', 'x.pt', 'ready', "
+            "'2026-01-01', 255, '[]')",
+            "INSERT INTO generation (id, ensemble_id, seed, steps, status, created_at) "
+            "VALUES (1, 1, 0, 20, 'done', '2026-01-01')",
+            "INSERT INTO attribution (id, generation_id, method, metric, top_k, verify_top_k, status, created_at) "
+            "VALUES (1, 1, 'synthetic', 'l2', 5, 0, 'succeeded', '2026-01-01')",
+            "INSERT INTO attribution_entry (id, attribution_id, training_item_id, rank, score, exact_score) "
+            "VALUES (1, 1, 1, 1, 0.5, 0.25)"):
+            c.execute(text(sql), {"png": b"\x00"} if ":png" in sql else {})
+    migrate.upgrade(url, "0006")
+    with engine.begin() as c:
+        assert c.execute(text("SELECT score FROM attribution")).scalar_one() == "influence"
+        row = c.execute(text("SELECT influence, exact_influence, resemblance, significant "
+                             "FROM attribution_entry")).one()
+        assert tuple(row) == (0.5, 0.25, None, None)
+        c.execute(text("INSERT INTO attribution (id, generation_id, method, metric, top_k, verify_top_k, "
+                       "status, created_at, score) VALUES (2, 1, 'synthetic', 'l2', 5, 0, 'pending', "
+                       "'2026-01-01', 'resemblance')"))
+        with pytest.raises(IntegrityError), c.begin_nested():
+            c.execute(text("UPDATE attribution SET score = 'similarity' WHERE id = 2"))
+    migrate.downgrade(url, "0005")
+    with engine.begin() as c:
+        assert c.execute(text("SELECT id FROM attribution")).scalars().all() == [1]
+        # SQLite rebuilds the tables: the rows that reference them must survive (no cascade)
+        assert c.execute(text("SELECT score FROM attribution_entry")).scalars().all() == [0.5]
+    assert "resemblance" not in {col["name"] for col in inspect(engine).get_columns("attribution_entry")}
+    engine.dispose()

@@ -10,50 +10,61 @@ from collections import defaultdict
 
 from sqlalchemy import select, update
 
-from app.orm import AttributionEntry, Owner, TrainingItem
+from app.orm import Attribution, AttributionEntry, Owner, TrainingItem
 from tests.service.attributed import attribute_seeds
 from tests.service.conftest import Service
 
 
 def expected_shares(ranking: dict) -> dict[int | None, float]:
-    """The README's definition, from GET /attributions/{id}: positive scores, exact where verified."""
+    """The README's definition, from GET /attributions/{id}: positive scores, exact where verified,
+    of the works the attribution names (all of them where no p-values exist)."""
     weight: dict[int | None, float] = defaultdict(float)
     for e in ranking["entries"]:
         score = e["exact_score"] if e["exact_score"] is not None else e["score"]
-        weight[e["owner_id"]] += max(score, 0.0)
+        weight[e["owner_id"]] += max(score, 0.0) if e["significant"] is not False else 0.0
     total = sum(weight.values())
     return {o: w / total for o, w in weight.items()}
 
 
 def test_shares_sum_to_one_on_every_attribution(svc: Service) -> None:
     ids = attribute_seeds(svc, [11, 12, 13], top_k=12, verify_top_k=3)
-    ids += attribute_seeds(svc, [14], top_k=8, method="exact")
-    with svc.db.session() as s:  # one ranking with nothing attributable
+    ids += attribute_seeds(svc, [14], top_k=8, method="exact")  # no p-values: every positive score
+    with svc.db.session() as s:
+        # one ranking with no positive score
         s.execute(update(AttributionEntry).where(AttributionEntry.attribution_id == ids[0])
                   .values(score=0.0, exact_score=None))
+        # one attributable ranking that names its top three works (as a significant one would)
+        s.execute(update(AttributionEntry).where(AttributionEntry.attribution_id == ids[1])
+                  .values(significant=AttributionEntry.rank <= 3))
+        s.execute(update(Attribution).where(Attribution.id == ids[1]).values(attributable=True))
+    seen = set()
     for aid in ids:
         body = svc.client.get(f"/attributions/{aid}/shares", headers=svc.op()).json()
-        if aid == ids[0]:
+        ranking = svc.client.get(f"/attributions/{aid}", headers=svc.op()).json()
+        if aid == ids[0] or ranking["attributable"] is False:
             assert body == {"attribution_id": aid, "attributable": False, "status": "unattributed",
                             "shares": []}
+            assert aid == ids[0] or all(e["significant"] is False for e in ranking["entries"])
+            seen.add("unattributed")
             continue
+        seen.add("exact" if ranking["attributable"] is None else "named")
         assert body["status"] == "attributed"
         assert math.isclose(sum(o["share"] for o in body["shares"]), 1.0, abs_tol=1e-12)
-        ranking = svc.client.get(f"/attributions/{aid}", headers=svc.op()).json()
         want = expected_shares(ranking)
         assert {o["owner_id"] for o in body["shares"]} == set(want)
         assert all(math.isclose(o["share"], want[o["owner_id"]], rel_tol=1e-12) for o in body["shares"])
         listed = [o["share"] for o in body["shares"]]
         assert listed == sorted(listed, reverse=True)
         assert sum(o["works"] for o in body["shares"]) == len(ranking["entries"])
+    assert seen == {"unattributed", "exact", "named"}
     assert svc.client.get(f"/attributions/{ids[1]}/shares", headers=svc.owner("alice")).status_code == 403
     assert svc.client.get("/attributions/999/shares", headers=svc.op()).status_code == 404
 
 
 def test_holder_pages_and_days_count_each_generation_once(svc: Service) -> None:
-    first = attribute_seeds(svc, [21, 22, 23], top_k=10)
+    first = attribute_seeds(svc, [21, 22, 23], top_k=10, name_top=3)
     # The same generations attributed again (another top_k): only these newer ones count.
-    newer = attribute_seeds(svc, [21, 22, 23], top_k=15)
+    newer = attribute_seeds(svc, [21, 22, 23], top_k=15, name_top=3)
     per_attribution = {aid: {o["owner_name"]: o["share"] for o in svc.client.get(
         f"/attributions/{aid}/shares", headers=svc.op()).json()["shares"]} for aid in newer}
     for name in ("alice", "bob"):
@@ -79,7 +90,7 @@ def test_holder_pages_and_days_count_each_generation_once(svc: Service) -> None:
 
 
 def test_owner_counterfactual_refused_or_exact(svc: Service) -> None:
-    [aid] = attribute_seeds(svc, [31], top_k=5, verify_top_k=1)
+    [aid] = attribute_seeds(svc, [31], top_k=5, verify_top_k=1, name_top=3)
     ranking = svc.client.get(f"/attributions/{aid}", headers=svc.op()).json()
     top = ranking["entries"][0]
     # alice's works cover all 8 members of the tiny ensemble: nothing would remain.
@@ -105,8 +116,8 @@ def test_owner_counterfactual_refused_or_exact(svc: Service) -> None:
     assert "not ready" in svc.client.get(url + ".png", headers=svc.op()).json()["detail"]
     assert svc.run_jobs() == ["succeeded"]
     job = svc.client.get(f"/jobs/{body['job_id']}", headers=svc.op()).json()
-    assert job["kind"] == "counterfactual" and math.isclose(job["result"]["l2_distance"], top["exact_score"],
-                                                             rel_tol=1e-4)
+    assert job["kind"] == "counterfactual" and math.isclose(job["result"]["l2_distance"],
+                                                             top["exact_influence"], rel_tol=1e-4)
     owner_png = svc.client.get(url + ".png", headers=svc.op())
     item_png = svc.client.get(top["counterfactual_url"], headers=svc.op())
     assert top["counterfactual_kind"] == "exact"

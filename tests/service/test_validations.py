@@ -266,9 +266,9 @@ def test_progress_stages_follow_the_config() -> None:
     from experiments.copies import CopiesConfig
     from worker.engine import JobError, validation_config
 
-    assert CopiesConfig().stages() == ("train", "jacobian")
-    assert CopiesConfig(exact="copies").stages() == ("train", "jacobian", "exact")
-    assert CopiesConfig(exact="none", ensemble=Checkpoint(checkpoint="e.pt")).stages() == ("jacobian",)
+    assert CopiesConfig().stages() == ("train", "jacobian", "trust")
+    assert CopiesConfig(exact="copies").stages() == ("train", "jacobian", "trust", "exact")
+    assert CopiesConfig(exact="none", ensemble=Checkpoint(checkpoint="e.pt")).stages() == ("jacobian", "trust")
     assert ClassesConfig(samples=3).stages() == ("train", "sample", "exact")
     with pytest.raises(ValidationError, match="exact"):
         CopiesConfig.model_validate({"exact": "most"})

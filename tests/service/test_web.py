@@ -73,7 +73,7 @@ def test_sessions_expire_and_end_with_their_key(svc: Service) -> None:
 
 
 def test_holder_pages_escape_and_hide_other_holders(svc: Service) -> None:
-    [aid] = attribute_seeds(svc, [5], top_k=20, verify_top_k=2)
+    [aid] = attribute_seeds(svc, [5], top_k=20, verify_top_k=2, name_top=5)
     ranking = svc.client.get(f"/attributions/{aid}", headers=svc.op()).json()
     mine = next(e for e in ranking["entries"] if e["owner_name"] == "alice")
     theirs = next(e for e in ranking["entries"] if e["owner_name"] == "bob")
@@ -105,7 +105,7 @@ def test_holder_pages_escape_and_hide_other_holders(svc: Service) -> None:
 
 
 def test_operator_pages(svc: Service) -> None:
-    [aid] = attribute_seeds(svc, [7], top_k=12, verify_top_k=2)
+    [aid] = attribute_seeds(svc, [7], top_k=12, verify_top_k=2, name_top=5)
     c = svc.client
     sign_in(c, svc.operator_key)
     assert c.get("/web", follow_redirects=False).headers["location"] == "/web/attributions"
@@ -149,7 +149,7 @@ def test_sessions_and_holder_pages_are_reused_for_their_cache_times(
     c = svc.client
     sign_in(c, svc.owner_keys["alice"])
     before = c.get("/web/works").text
-    attribute_seeds(svc, [5], top_k=20, verify_top_k=0)
+    attribute_seeds(svc, [5], top_k=20, verify_top_k=0, name_top=5)
     with svc.db.session() as s:  # a work of alice's renamed: the cached gallery does not show it yet
         item = s.scalar(select(TrainingItem).where(TrainingItem.owner_id == svc.owner_ids["alice"])
                         .order_by(TrainingItem.id))

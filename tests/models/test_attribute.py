@@ -1,0 +1,190 @@
+"""Tests for models.attribute with the trust layer: both scores for every candidate, decoy
+p-values, exact re-ranking of the top m, and the significance every attribution concludes with."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from models.ablation import ablation_weights, delta_w, gram, jacobian, predicted_counterfactuals
+from models.attribute import (
+    AttributionConfig,
+    SampleAttribution,
+    attribute,
+    attribute_exact,
+    conclude,
+    rank_sources,
+    verify,
+)
+from models.ensemble import Ensemble
+from models.sampler import exact_counterfactuals, make_tape
+from tests.conftest import TinyData
+
+STEPS = 8
+
+
+def _ranked(ens: Ensemble, data: TinyData, cfg: AttributionConfig, seeds: list[int]
+            ) -> tuple[list[SampleAttribution], torch.Tensor, torch.Tensor]:
+    tape = make_tape(seeds, ens.shape, STEPS)
+    f, J = jacobian(ens.net, ens.schedule, tape)
+    return rank_sources(ens, tape.seeds, f, J, cfg, images=data.x), f, J
+
+
+def test_every_candidate_carries_both_scores_equal_to_brute_force(tiny_ensemble: Ensemble,
+                                                                   tiny_data: TinyData) -> None:
+    """Synthetic resemblance = d(f + J dw, x_s) - d(f, x_s) and influence = ||J dw|| from the
+    predicted counterfactual images themselves; the ranking is by resemblance, descending."""
+    ens = tiny_ensemble
+    cfg = AttributionConfig(top_k=5, score="resemblance", decoys=200)
+    [res], f, J = _ranked(ens, tiny_data, cfg, [3])
+    src = torch.tensor([e.source for e in res.ranking])
+    assert len(src) == ens.codebook.num_sources  # 60 sources < P_SCREEN: every one a candidate
+    dW = delta_w(torch.from_numpy(ens.codebook.bits())[src], ens.k)
+    cf = predicted_counterfactuals(f, J, dW[None])[0].double().flatten(1)
+    x = tiny_data.x[src].double().flatten(1)  # item granularity: source s is item s
+    brute_r = (cf - x).norm(dim=1) - (f[0].double().flatten() - x).norm(dim=1)
+    brute_i = (cf - f[0].double().flatten()).norm(dim=1)
+    got_r = torch.tensor([e.resemblance for e in res.ranking], dtype=torch.float64)
+    got_i = torch.tensor([e.l2 for e in res.ranking], dtype=torch.float64)
+    torch.testing.assert_close(got_r, brute_r, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_i, brute_i, rtol=1e-4, atol=1e-4)
+    assert (got_r[:-1] >= got_r[1:]).all()
+    assert all(e.p_value is not None and 0 < e.p_value <= 1 for e in res.ranking)
+
+
+def test_influence_ranks_when_asked(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    cfg = AttributionConfig(top_k=5, score="influence", decoys=200)
+    [res], _, _ = _ranked(tiny_ensemble, tiny_data, cfg, [3])
+    infl = [e.l2 for e in res.ranking]
+    assert infl == sorted(infl, reverse=True)
+    assert all(e.resemblance is not None and e.p_value is not None for e in res.ranking)
+
+
+def test_verify_reranks_the_top_m_by_exact_values(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    """The top m get exact counterfactuals (checked against the sampler directly), exact values
+    of both scores and an exact p-value, and are re-ranked by the exact resemblance; the report
+    then holds top_k of them."""
+    ens = tiny_ensemble
+    cfg = AttributionConfig(top_k=4, score="resemblance", verify_top_k=12, decoys=300, exact_decoys=20)
+    tape = make_tape([7], ens.shape, STEPS)
+    results, f, _ = _ranked(ens, tiny_data, cfg, [7])
+    before = [e.source for e in results[0].ranking[:12]]
+    verify(ens, tape, results, cfg, images=tiny_data.x)
+    res = results[0]
+    top = res.ranking[:12]
+    assert sorted(e.source for e in top) == sorted(before)
+    exact_r = [e.exact_resemblance for e in top]
+    assert all(v is not None for v in exact_r) and exact_r == sorted(exact_r, reverse=True)  # type: ignore[type-var]
+    assert res.exact[:12] == [True] * 12 and not any(res.exact[12:])
+    # the exact values come from the exact counterfactual
+    bits = torch.from_numpy(ens.codebook.bits())
+    first = top[0].source
+    cf = exact_counterfactuals(ens.net, ens.schedule, tape, ablation_weights(bits[[first]], ens.k),
+                               torch.zeros(1, dtype=torch.long))[0, 0].double().flatten()
+    x = tiny_data.x[first].double().flatten()
+    assert top[0].exact_l2 == pytest.approx(float((cf - f[0].double().flatten()).norm()), rel=1e-5)
+    assert top[0].exact_resemblance == pytest.approx(
+        float((cf - x).norm() - (f[0].double().flatten() - x).norm()), rel=1e-5, abs=1e-6)
+    # exact p-values: the exact resemblance against the exact decoy counterfactuals (n = 8, k = 4
+    # leaves 10 free codes; normal tail: 1/11 cannot reach 0.05/60), checked for the top source by
+    # running the decoys directly
+    from models.attribute import DECOY_SEED
+    from models.codes import unpack_bits
+    from models.resemblance import decoy_codes, gaussian_tail_pvalues
+
+    decoys = torch.from_numpy(unpack_bits(decoy_codes(ens.codebook.codes, ens.n, ens.k, 300, seed=DECOY_SEED),
+                                          ens.n))[:20]
+    assert len(decoys) == 10
+    cfd = exact_counterfactuals(ens.net, ens.schedule, tape, ablation_weights(decoys, ens.k),
+                                torch.zeros(len(decoys), dtype=torch.long)).double().flatten(1)
+    null = (cfd - x).norm(dim=1) - (f[0].double().flatten() - x).norm()
+    want = gaussian_tail_pvalues(torch.tensor([top[0].exact_resemblance], dtype=torch.float64), null[None])
+    assert top[0].exact_p_value == pytest.approx(float(want[0]), rel=1e-4, abs=1e-9)
+    assert all(e.exact_p_value is not None and e.p == e.exact_p_value for e in top)
+    conclude(res, cfg)
+    assert len(res.ranking) == 4 and res.exact_counterfactuals is not None
+    assert res.exact_counterfactuals.shape[0] == 4 and res.significance is not None
+
+
+def test_an_unattributable_sample_keeps_its_ranking_and_says_why(tiny_ensemble: Ensemble,
+                                                                  tiny_data: TinyData) -> None:
+    """An untrained-for-long tiny ensemble copies nothing: with 60 sources, alpha / 60 needs a
+    p-value no decoy null gives here, so the answer is 'not attributable', with a reason, and the
+    ranking is still reported in full."""
+    cfg = AttributionConfig(top_k=5, score="resemblance", decoys=500)
+    results, _, _ = _ranked(tiny_ensemble, tiny_data, cfg, [0, 1, 2, 3])
+    for res in results:
+        p_top = res.ranking[0].p
+        conclude(res, cfg)
+        sig = res.significance
+        assert sig is not None and len(res.ranking) == 5
+        assert sig.threshold == pytest.approx(0.05 / 60) and sig.tested == 60
+        assert sig.attributable == (p_top is not None and p_top <= sig.threshold)
+        if not sig.attributable:
+            assert "above" in sig.reason and sig.top_p == p_top
+    # a planted p-value decides the other way, on the same ranking
+    res = results[0]
+    res.ranking[0].p_value = 1e-9
+    res.significance = replace(res.significance, attributable=False, reason="")  # type: ignore[arg-type]
+    conclude(res, cfg)
+    assert res.significance is not None and res.significance.attributable and res.significance.reason == ""
+
+
+def test_no_decoys_is_an_answer_not_an_error(tiny_data: TinyData) -> None:
+    """n = 4, k = 2 has 6 codes; 6 sources hold them all: no null, not attributable, ranked anyway."""
+    from tests.conftest import make_tiny_ensemble
+
+    ens = make_tiny_ensemble(tiny_data, n=4, k=2, num_items=6).for_inference()
+    cfg = AttributionConfig(top_k=3, score="resemblance")
+    results, _, _ = _ranked(ens, TinyData(tiny_data.x[:6], tiny_data.labels[:6], ens.dataset), cfg, [1])
+    conclude(results[0], cfg)
+    sig = results[0].significance
+    assert sig is not None and not sig.attributable and "no decoy codes" in sig.reason
+    assert len(results[0].ranking) == 3 and results[0].ranking[0].p_value is None
+
+
+def test_attribute_end_to_end_and_exact_method_agree(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    """attribute() with every source verified ranks as attribute_exact does."""
+    ens = tiny_ensemble
+    S = ens.codebook.num_sources
+    cfg = AttributionConfig(top_k=5, score="resemblance", verify_top_k=S, decoys=200)
+    tape = make_tape([11], ens.shape, STEPS)
+    [res] = attribute(ens, tape, cfg, images=tiny_data.x)
+    ex = attribute_exact(ens, tape, res.image, cfg, images=tiny_data.x)
+    assert [e.source for e in res.ranking] == [e.source for e in ex.ranking]
+    np.testing.assert_allclose([e.exact_resemblance for e in res.ranking],
+                               [e.resemblance for e in ex.ranking], rtol=1e-4, atol=1e-5)
+    assert gram(jacobian(ens.net, ens.schedule, tape)[1]).shape == (1, ens.n, ens.n)
+
+
+def test_copy_check_finds_a_copy_and_confirms_it_exactly(tiny_ensemble: Ensemble,
+                                                         tiny_data: TinyData) -> None:
+    """A 'sample' that is training image 3 itself is a near-copy (ratio 0) of item 3; it is confirmed
+    by the exact counterfactual without source 3 (brute force: the sampler run directly), and an
+    ordinary sample is no near-copy (ratio against the training set's own scale)."""
+    from models.attribute import copy_checks
+    from models.copies import nearest_neighbour_median
+
+    ens = tiny_ensemble
+    tape = make_tape([4, 9], ens.shape, STEPS)
+    cfg = AttributionConfig(top_k=3, score="resemblance", decoys=100)
+    f, J = jacobian(ens.net, ens.schedule, tape)
+    results = rank_sources(ens, tape.seeds, f, J, cfg, images=tiny_data.x)
+    results[0].image = tiny_data.x[3].clone()  # the tape's first sample replaced by a copy
+    checks = copy_checks(ens, tape, results, tiny_data.x)
+    copy, other = checks
+    assert copy.near_copy and copy.items[0] == 3 and copy.ratio == pytest.approx(0.0, abs=1e-6)
+    bits = torch.from_numpy(ens.codebook.bits())
+    cf = exact_counterfactuals(ens.net, ens.schedule, tape, ablation_weights(bits[[3]], ens.k),
+                               torch.zeros(1, dtype=torch.long))[0].double().flatten()
+    x3 = tiny_data.x[3].double().flatten()
+    assert copy.moved_away == pytest.approx(float((cf - x3).norm()), rel=1e-5)
+    assert copy.confirmed == (copy.moved_away > 0)
+    median = nearest_neighbour_median(tiny_data.x)
+    assert other.ratio == pytest.approx(other.distances[0] / median)
+    assert other.near_copy == (other.ratio <= 0.5)
+    if not other.near_copy:
+        assert other.confirmed is None and other.moved_away is None
