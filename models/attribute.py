@@ -240,15 +240,16 @@ def _decoys(ens: Ensemble, cfg: AttributionConfig, served: Tensor | None, tested
 
 def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg: AttributionConfig,
                  lpips: LPIPSMetric | None = None, *, served: Tensor | None = None,
-                 sources: Tensor | None = None,
-                 images: TrainingImages | None = None) -> list[SampleAttribution]:
+                 sources: Tensor | None = None, images: TrainingImages | None = None,
+                 norms_sq: Tensor | None = None) -> list[SampleAttribution]:
     """Synthetic ranking from an already computed Jacobian (e.g. one stored by the service).
 
     f: (B, C, H, W) samples; J: (B, D, n) their Jacobians with respect to the weights (D = C*H*W),
     taken at the serving weights; served: (n,) bits of the served members (None: all);
     sources: (S',) long, the sources that may be ranked (None: all of the code book); images:
     the training images (``TrainingImages``), needed for resemblance and p-values (without them
-    only influence ranks, and no p-value is given).
+    only influence ranks, and no p-value is given); norms_sq: their squared norms
+    (``models.resemblance.squared_norms``), which a caller ranking many samples computes once.
 
     The ranking holds every candidate (the top max(top_k, verify_top_k, P_SCREEN), or rerank for
     LPIPS); ``conclude`` cuts it to top_k.
@@ -277,7 +278,7 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
         decoys = _decoys(ens, cfg, served, S)
         influences, cand_idx, resemblances, pvalues, nulls = [], [], [], [], []
         for b in range(len(seeds)):
-            terms = image_terms(f[b], J[b], images)
+            terms = image_terms(f[b], J[b], images, norms_sq=norms_sq)
             r_all = resemblance(terms, G[b].cpu(), dW_book, book.item_source)
             infl = influence(G[b : b + 1].cpu(), dW_book[src])[0]
             ranked_by = r_all[src] if cfg.score == "resemblance" else infl

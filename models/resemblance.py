@@ -22,6 +22,7 @@ source's null distribution; its p-value is (1 + #decoys scoring at least as high
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ def image_terms(f: Tensor, J: Tensor, images: Tensor | np.ndarray, *, chunk: int
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         block = images[lo:hi]
-        u = torch.as_tensor(np.asarray(block)) if isinstance(block, np.ndarray) else block
+        u = _read_only_tensor(block) if isinstance(block, np.ndarray) else block
         u = u.reshape(hi - lo, D).to(on)
         if u.dtype == torch.uint8:
             prod = (u.to(torch.float32) @ A).to(torch.float64) / 127.5 - A_sum
@@ -87,6 +88,28 @@ def image_terms(f: Tensor, J: Tensor, images: Tensor | np.ndarray, *, chunk: int
     base_sq = (f64 @ f64) - 2.0 * jx[:, n] + x_sq
     lin = jf[None, :] - jx[:, :n]
     return ImageTerms(base_sq.clamp_min(0.0), lin)
+
+
+def squared_norms(images: Tensor | np.ndarray, *, chunk: int = IMAGE_CHUNK) -> Tensor:
+    """||x_i||^2 of every training image (N,) float64, in [-1, 1] (uint8 mapped as u / 127.5 - 1):
+    a property of the data, computed once and passed to ``image_terms`` for every sample."""
+    N = images.shape[0]
+    out = torch.empty(N, dtype=torch.float64)
+    for lo in range(0, N, chunk):
+        hi = min(N, lo + chunk)
+        block = images[lo:hi]
+        u = _read_only_tensor(block) if isinstance(block, np.ndarray) else block
+        x = u.reshape(hi - lo, -1).cpu().to(torch.float64)
+        out[lo:hi] = ((x / 127.5 - 1.0) if u.dtype == torch.uint8 else x).pow(2).sum(dim=1)
+    return out
+
+
+def _read_only_tensor(block: np.ndarray) -> Tensor:
+    """A tensor over a numpy block without copying it, read-only memmaps included: torch warns that
+    it cannot mark the tensor read-only; it is only read here (converted before any use)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(block))
 
 
 def predicted_distances(terms: ImageTerms, G: Tensor, dW: Tensor) -> Tensor:

@@ -58,6 +58,7 @@ from models.data import DatasetError
 from models.distances import LPIPSMetric, l2_distance, load_lpips
 from models.ensemble import Ensemble, resolve_device
 from models.images import png_bytes
+from models.resemblance import squared_norms
 from models.sampler import exact_counterfactuals, make_tape, sample, served_weights
 from models.unet import WideUNet
 
@@ -81,6 +82,7 @@ class LoadedEnsemble:
     served: torch.Tensor | None = None  # (n,) bits of the served members; None: all of them
     images: torch.Tensor | None = None  # (N, C, H, W) its training images, loaded when first needed
     nn_median: float | None = None  # their median nearest-neighbour distance (the copy check's scale)
+    norms_sq: torch.Tensor | None = None  # their squared norms (every resemblance pass needs them)
 
     @property
     def weights(self) -> torch.Tensor | None:
@@ -147,6 +149,7 @@ class EngineCache:
                 raise JobError(f"ensemble {le.row_id}: its stored works are not the data it was trained on")
             le.images = ds.to_tensor()
             le.nn_median = nearest_neighbour_median(le.images)
+            le.norms_sq = squared_norms(le.images)
         return le.images
 
     def lpips(self) -> LPIPSMetric:
@@ -292,7 +295,7 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
         J = _ensure_jacobian(db, le, gen).to(cache.device)
         progress(0.4)
         res = rank_sources(le.ens, [gen.seed], f[None], J, cfg, lp, served=le.served, sources=sources,
-                           images=images)[0]
+                           images=images, norms_sq=le.norms_sq)[0]
         progress(0.5)
         if verify_k:
             verify(le.ens, tape, [res], cfg, lp, le.members, served=le.served, images=images)

@@ -19,20 +19,23 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 OLD_UNIQUE = ["generation_id", "method", "metric", "top_k", "verify_top_k"]
-ENTRY_FLOATS = ("influence", "exact_influence", "resemblance", "exact_resemblance", "p_value", "exact_p_value")
+ENTRY_FLOATS = ("influence", "exact_influence", "resemblance", "exact_resemblance", "p_value",
+                "exact_p_value")
 
 
 def upgrade() -> None:
     # Every attribution before this one was ranked by influence (the paper's score).
     with op.batch_alter_table("attribution", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("score", sa.String(length=16), nullable=False, server_default="influence"))
+        batch_op.add_column(sa.Column("score", sa.String(length=16), nullable=False,
+                                      server_default="influence"))
         batch_op.add_column(sa.Column("attributable", sa.Boolean(), nullable=True))
         batch_op.add_column(sa.Column("significance", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("near_copy", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("copy_of_item_id", sa.Integer(), nullable=True))
         batch_op.create_foreign_key(op.f("fk_attribution_copy_of_item_id_training_item"), "training_item",
                                     ["copy_of_item_id"], ["id"], ondelete="SET NULL")
-        batch_op.create_check_constraint(op.f("ck_attribution_score"), "score IN ('influence', 'resemblance')")
+        batch_op.create_check_constraint(op.f("ck_attribution_score"),
+                                         "score IN ('influence', 'resemblance')")
         batch_op.drop_constraint(op.f("uq_attribution_" + "_".join(OLD_UNIQUE)), type_="unique")
         batch_op.create_unique_constraint(op.f("uq_attribution_" + "_".join([*OLD_UNIQUE, "score"])),
                                           [*OLD_UNIQUE, "score"])

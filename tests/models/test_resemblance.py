@@ -19,6 +19,7 @@ from models.resemblance import (
     image_terms,
     predicted_distances,
     resemblance,
+    squared_norms,
 )
 from models.sampler import make_tape
 from models.unet import WideUNet
@@ -78,6 +79,8 @@ def test_uint8_images_and_chunks_give_the_same_terms(jac: tuple[torch.Tensor, to
     as_float = torch.from_numpy(u8).to(torch.float32) / 127.5 - 1.0
     ref = image_terms(f, J, as_float)
     norms_sq = (as_float.to(torch.float64) ** 2).flatten(1).sum(1)
+    torch.testing.assert_close(squared_norms(u8, chunk=7), norms_sq, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(squared_norms(as_float), norms_sq, rtol=1e-6, atol=1e-6)
     for terms in (image_terms(f, J, u8, chunk=7), image_terms(f, J, torch.from_numpy(u8), chunk=1000),
                   image_terms(f, J, u8, chunk=16, norms_sq=norms_sq)):
         torch.testing.assert_close(terms.base_sq, ref.base_sq, rtol=1e-5, atol=1e-4)

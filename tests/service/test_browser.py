@@ -69,12 +69,17 @@ def served(svc: Service) -> Iterator[str]:
 def test_holder_and_docs_in_chromium(svc: Service, served: str, tmp_path: Path) -> None:
     sync_playwright = _browser_or_skip()
     aids = attribute_seeds(svc, [3, 4], top_k=20, verify_top_k=2, name_top=5)
-    ranking = svc.client.get(f"/attributions/{aids[0]}", headers=svc.op()).json()
-    mine = next(e for e in ranking["entries"] if e["owner_name"] == "alice")
-    theirs = next(e for e in ranking["entries"] if e["owner_name"] == "bob")
     with svc.db.session() as s:  # carol's works go to alice: two gallery pages; one title is hostile
         s.execute(update(TrainingItem).where(TrainingItem.owner_id == svc.owner_ids["carol"])
                   .values(owner_id=svc.owner_ids["alice"]))
+        first_page = set(s.scalars(select(TrainingItem.id)
+                                   .where(TrainingItem.owner_id == svc.owner_ids["alice"])
+                                   .order_by(TrainingItem.id).limit(24)))
+    ranking = svc.client.get(f"/attributions/{aids[0]}", headers=svc.op()).json()
+    # a ranked work of alice's on the gallery's first page (which shows works by id)
+    mine = next(e for e in ranking["entries"] if e["training_item_id"] in first_page)
+    theirs = next(e for e in ranking["entries"] if e["owner_name"] == "bob")
+    with svc.db.session() as s:
         s.execute(update(TrainingItem).where(TrainingItem.id == mine["training_item_id"])
                   .values(external_ref=HOSTILE))
         works = s.scalar(select(func.count()).where(TrainingItem.owner_id == svc.owner_ids["alice"]))

@@ -169,18 +169,19 @@ def test_trust_migration(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as c:
         for sql in (
-            "INSERT INTO image (sha256, png, width, height, created_at) VALUES ('i', :png, 8, 8, '2026-01-01')",
-            "INSERT INTO dataset (id, name, channels, height, width, item_count, spec, fingerprint, created_at) "
-            "VALUES (1, 'd', 1, 8, 8, 1, '{}', 'f', '2026-01-01')",
+            "INSERT INTO image (sha256, png, width, height, created_at) "
+            "VALUES ('i', :png, 8, 8, '2026-01-01')",
+            "INSERT INTO dataset (id, name, channels, height, width, item_count, spec, fingerprint, "
+            "created_at) VALUES (1, 'd', 1, 8, 8, 1, '{}', 'f', '2026-01-01')",
             "INSERT INTO training_item (id, dataset_id, \"index\", external_ref, sha256, image_sha) "
             "VALUES (1, 1, 0, 'r', 's', 'i')",
-            "INSERT INTO ensemble (id, name, dataset_id, n, k, \"T\", config, granularity, checkpoint, status, "
-            "created_at, served_members, withdrawn) VALUES (1, 'e', 1, 8, 4, 20, '{}', 'item', 'x.pt', 'ready', "
-            "'2026-01-01', 255, '[]')",
+            "INSERT INTO ensemble (id, name, dataset_id, n, k, \"T\", config, granularity, checkpoint, "
+            "status, created_at, served_members, withdrawn) VALUES (1, 'e', 1, 8, 4, 20, '{}', 'item', "
+            "'x.pt', 'ready', '2026-01-01', 255, '[]')",
             "INSERT INTO generation (id, ensemble_id, seed, steps, status, created_at) "
             "VALUES (1, 1, 0, 20, 'done', '2026-01-01')",
-            "INSERT INTO attribution (id, generation_id, method, metric, top_k, verify_top_k, status, created_at) "
-            "VALUES (1, 1, 'synthetic', 'l2', 5, 0, 'succeeded', '2026-01-01')",
+            "INSERT INTO attribution (id, generation_id, method, metric, top_k, verify_top_k, status, "
+            "created_at) VALUES (1, 1, 'synthetic', 'l2', 5, 0, 'succeeded', '2026-01-01')",
             "INSERT INTO attribution_entry (id, attribution_id, training_item_id, rank, score, exact_score) "
             "VALUES (1, 1, 1, 1, 0.5, 0.25)"):
             c.execute(text(sql), {"png": b"\x00"} if ":png" in sql else {})

@@ -268,7 +268,8 @@ def test_progress_stages_follow_the_config() -> None:
 
     assert CopiesConfig().stages() == ("train", "jacobian", "trust")
     assert CopiesConfig(exact="copies").stages() == ("train", "jacobian", "trust", "exact")
-    assert CopiesConfig(exact="none", ensemble=Checkpoint(checkpoint="e.pt")).stages() == ("jacobian", "trust")
+    checkpoint = Checkpoint(checkpoint="e.pt")
+    assert CopiesConfig(exact="none", ensemble=checkpoint).stages() == ("jacobian", "trust")
     assert ClassesConfig(samples=3).stages() == ("train", "sample", "exact")
     with pytest.raises(ValidationError, match="exact"):
         CopiesConfig.model_validate({"exact": "most"})

@@ -112,7 +112,9 @@ def test_operator_pages(svc: Service) -> None:
     listing = c.get("/web/attributions").text
     assert f'href="/web/attributions/{aid}"' in listing
     page = c.get(f"/web/attributions/{aid}")
-    assert page.status_code == 200 and 'class="figure2"' in page.text and page.text.count("<li>") >= 10
+    assert page.status_code == 200 and 'class="figure2"' in page.text
+    assert page.text.count('class="rank"') >= 10
+    assert page.text.count('class="named"') == 5 and "attributable" in page.text  # name_top=5
     for png in set(re.findall(r'src="(/web/[^"]+\.png)"', page.text)):
         assert c.get(png).status_code == 200, png
     # The owner-level counterfactual form: refused without its token, explained when too few remain.
