@@ -261,15 +261,21 @@ class Attributed:
     attributable: list[bool]
     top_p: list[float | None]
     named: list[list[int]]
+    p_of: list[dict[int, tuple[float | None, float | None]]]  # every candidate's (synthetic, exact) p
 
 
-def _attributed(results: list[SampleAttribution], cfg: AttributionConfig) -> Attributed:
+def _attributed(results: list[SampleAttribution], cfg: AttributionConfig,
+                p_of: list[dict[int, tuple[float | None, float | None]]]) -> Attributed:
     sigs = [r.significance for r in results]
     return Attributed([[e.source for e in r.ranking] for r in results],
                       [bool(s is not None and s.attributable) for s in sigs],
                       [None if s is None else s.top_p for s in sigs],
                       [[e.source for e in r.ranking if s is not None and s.names(e)]
-                       for r, s in zip(results, sigs, strict=True)])
+                       for r, s in zip(results, sigs, strict=True)], p_of)
+
+
+def _candidate_p(results: list[SampleAttribution]) -> list[dict[int, tuple[float | None, float | None]]]:
+    return [{e.source: (e.p_value, e.exact_p_value) for e in r.ranking} for r in results]
 
 
 def trust(ens: Ensemble, tape: NoiseTape, x_train: Tensor, cfg: AttributionConfig, *,
@@ -284,19 +290,21 @@ def trust(ens: Ensemble, tape: NoiseTape, x_train: Tensor, cfg: AttributionConfi
         f, J = jacobian(ens.net, ens.schedule, sub)
         results = rank_sources(ens, sub.seeds, f, J, cfg, images=x_train)
         screen = [replace(r, ranking=list(r.ranking), exact=list(r.exact)) for r in results]
+        screen_p = _candidate_p(screen)
         for r in screen:
             conclude(r, cfg)
-        synthetic.append(_attributed(screen, cfg))
+        synthetic.append(_attributed(screen, cfg, screen_p))
         if cfg.verify_top_k:
             verify(ens, sub, results, cfg, images=x_train)
+        verified_p = _candidate_p(results)
         for r in results:
             conclude(r, cfg)
-        verified.append(_attributed(results, cfg))
+        verified.append(_attributed(results, cfg, verified_p))
         progress("trust", int(sub.x_T.shape[0]) + b0, B)
 
     def join(parts: list[Attributed]) -> Attributed:
         return Attributed(*[[v for p in parts for v in getattr(p, name)] for name in
-                            ("top", "attributable", "top_p", "named")])
+                            ("top", "attributable", "top_p", "named", "p_of")])
 
     return join(synthetic), join(verified)
 
@@ -332,7 +340,11 @@ def trust_stats(att: Attributed, nn_source: np.ndarray, is_copy: np.ndarray) -> 
             "top1_rate_all": float(top1.mean()),
             "copy_owner_largest_share": float(largest[copies_attributable].mean())
             if copies_attributable.any() else float("nan"),
-            "top_p_copies": [p for p, c in zip(att.top_p, is_copy, strict=True) if c]}
+            "top_p_copies": [p for p, c in zip(att.top_p, is_copy, strict=True) if c],
+            # the copied image's own p-values, synthetic and exact (exact decoys; None when not
+            # run, or when the copy was not among the candidates)
+            "copy_p_copies": [list(p_of.get(int(s), (None, None)))
+                              for p_of, s, c in zip(att.p_of, nn_source, is_copy, strict=True) if c]}
 
 
 def run(config: CopiesConfig, out_dir: Path, progress: ProgressFn = ignore_progress, *,
