@@ -195,7 +195,6 @@ class SampleAttribution:
     agreement: dict[str, float] | None = field(default=None)
     significance: Significance | None = None
     exact: list[bool] = field(default_factory=list)  # per ranked source: its counterfactual is exact
-    decoy_null: Tensor | None = field(default=None, repr=False)  # (len(ranking), M) each one's decoys
 
 
 def attribute(ens: Ensemble, tape: NoiseTape, cfg: AttributionConfig,
@@ -271,12 +270,11 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
         cand_idx = [src[cand_pos[b].cpu()] for b in range(len(seeds))]
         resemblances: list[Tensor | None] = [None] * len(seeds)
         pvalues: list[Tensor | None] = [None] * len(seeds)
-        nulls: list[Tensor | None] = [None] * len(seeds)
         decoys = None
     else:
         dW_book = delta_w(bits, book.k, served=served)  # (S, n); NaN rows are never ranked (measurable)
         decoys = _decoys(ens, cfg, served, S)
-        influences, cand_idx, resemblances, pvalues, nulls = [], [], [], [], []
+        influences, cand_idx, resemblances, pvalues = [], [], [], []
         for b in range(len(seeds)):
             terms = image_terms(f[b], J[b], images, norms_sq=norms_sq)
             r_all = resemblance(terms, G[b].cpu(), dW_book, book.item_source)
@@ -289,10 +287,8 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
             resemblances.append(r_all[idx])
             if decoys.dW.shape[0]:
                 null = _null(terms, G[b].cpu(), decoys, idx, book.item_source)
-                nulls.append(null)
                 pvalues.append(_p_of(r_all[idx], null, _p_method(null.shape[1], S, cfg.alpha)))
             else:
-                nulls.append(None)
                 pvalues.append(torch.full((len(idx),), float("nan"), dtype=torch.float64))
     dW_cand = torch.stack([delta_w(bits[idx].to(J.device), book.k, served=served) for idx in cand_idx])
     preds = predicted_counterfactuals(f, J, dW_cand).clamp(-1, 1)  # (B, R, C, H, W)
@@ -312,8 +308,6 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
         order = sorted(range(len(entries)), key=lambda j: -entries[j].value(cfg.score, cfg.metric))
         res = SampleAttribution(seeds[b], f[b], G[b], [entries[j] for j in order], preds[b][order])
         res.exact = [False] * len(order)
-        null_b = nulls[b]
-        res.decoy_null = None if null_b is None else null_b[order]
         if decoys is not None:
             res.significance = _untested(cfg, decoys)  # replaced by conclude
         results.append(res)
@@ -486,8 +480,6 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
         res.counterfactuals = torch.cat([exact[b][order].to(res.counterfactuals.dtype).cpu().clamp(-1, 1),
                                          res.counterfactuals[K:]])
         res.exact = [True] * K + [False] * len(rest)
-        if res.decoy_null is not None:
-            res.decoy_null = torch.cat([res.decoy_null[:K][order], res.decoy_null[K:]])
 
 
 def _exact_resemblance(counterfactuals: Tensor, f: Tensor, images: TrainingImages, item_source: np.ndarray,
