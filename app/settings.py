@@ -98,7 +98,8 @@ class Settings(BaseSettings):
                                       "at max_verify_top_k)")
     decoys: int = Field(10_000, ge=0, description="decoy codes the p-values of one attribution count against")
     exact_decoys: int = Field(0, ge=0, description="decoys also run exactly (one sampling run each), for "
-                              "exact p-values of the verified works (at most decoys)")
+                              "empirical exact p-values of the verified works, reported beside the "
+                              "synthetic ones that decide (at most decoys)")
     attributable_alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error level of "
                                       "'attributable' (Bonferroni over the works ranked)")
     copy_ratio: float = Field(0.5, gt=0, description="a generation whose nearest training image lies within "

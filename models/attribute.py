@@ -141,10 +141,11 @@ class SourceScore:
 
     @property
     def p(self) -> float | None:
-        """The p-value that decides: the exact one (exact resemblance against exact decoys) where
-        computed, else the synthetic one. Never an exact resemblance against synthetic decoys:
-        the copies validation measured that mixture miscalibrated (README "Trust")."""
-        return self.exact_p_value if self.exact_p_value is not None else self.p_value
+        """The p-value that decides: the synthetic one, a synthetic statistic against synthetic
+        decoys. The copies validation's shuffled control measured the others miscalibrated: an
+        exact resemblance against synthetic decoys, and a normal fit of a hundred exact decoys,
+        called a quarter or more of the shuffled samples attributable (README "Trust")."""
+        return self.p_value
 
 
 @dataclass(frozen=True)
@@ -426,7 +427,8 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
 
     Fills exact_l2 / exact_lpips, and with ``images`` exact_resemblance, exact_counterfactuals and
     agreement (of the ranking score). With ``cfg.exact_decoys`` (and images), that many decoys are
-    run exactly too, in the same pass, and give the verified sources exact p-values.
+    run exactly too, in the same pass, and give the verified sources empirical exact p-values
+    (floor 1 / (1 + exact_decoys); reported beside the synthetic ones, which decide).
     served: (n,) bits of the served members (None: all).
     """
     K = min([cfg.verify_top_k, *(len(res.ranking) for res in results)])
@@ -465,8 +467,7 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
         if r_exact is not None and E and images is not None:
             null = torch.stack([_exact_resemblance(exact_decoys[b], res.image, images, book.item_source,
                                                    torch.full((E,), int(s))) for s in src[b].tolist()])
-            tested = res.significance.tested if res.significance is not None else len(bits)
-            p = _p_of(r_exact, null, _p_method(E, tested, cfg.alpha))
+            p = decoy_pvalues(r_exact, null)  # empirical: reported, never deciding (``SourceScore.p``)
             for j, entry in enumerate(res.ranking[:K]):
                 entry.exact_p_value = float(p[j])
         verified = res.ranking[:K]
