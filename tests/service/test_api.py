@@ -295,6 +295,42 @@ def test_synthetic_attribution_matches_the_engine(svc: Service, tiny_ensemble: E
     assert svc.client.get(f"/generations/{gid}", headers=svc.op()).json()["has_jacobian"] is True
 
 
+def test_the_default_attribution_is_resemblance_verified_with_significance(svc: Service,
+                                                                          tiny_ensemble: Ensemble,
+                                                                          tiny_data: TinyData) -> None:
+    """No score or verify_top_k asked: resemblance ranks, the synthetic top 50 re-ranked exactly;
+    every entry has both scores and a p-value, the attribution says whether it is attributable
+    (and why not), which entries it names, and the copy check (nearest works by pixel L2)."""
+    gid = generate(svc, [8])["generation_ids"][0]
+    acc = attribute(svc, gid, top_k=6)
+    assert svc.run_jobs() == ["succeeded", "succeeded"]
+    att = svc.client.get(f"/attributions/{acc['attribution_id']}", headers=svc.op()).json()
+    assert (att["score"], att["verify_top_k"], len(att["entries"])) == ("resemblance", 50, 6)
+    entries = att["entries"]
+    assert all(e["exact_score"] == e["exact_resemblance"] and e["score"] == e["resemblance"] for e in entries)
+    exact = [e["exact_resemblance"] for e in entries]
+    assert exact == sorted(exact, reverse=True) and all(e["exact_influence"] is not None for e in entries)
+    sig = att["significance"]
+    assert sig["sources_tested"] == 60 and sig["threshold"] == pytest.approx(0.05 / 60)
+    assert sig["decoys"] == 10 and sig["p_method"] == "gaussian tail"  # n = 8, k = 4: 10 free codes
+    assert att["attributable"] == (entries[0]["p_value"] <= sig["threshold"]) == sig["attributable"]
+    assert all(0 < e["p_value"] <= 1 for e in entries)
+    assert [e["significant"] for e in entries] == [
+        att["attributable"] and e["p_value"] <= sig["threshold"] for e in entries]
+    if not att["attributable"]:
+        assert "above" in sig["reason"]
+    # the copy check: the generation's nearest training works, by brute force
+    with svc.db.session() as s:
+        index_of = dict(s.execute(select(TrainingItem.id, TrainingItem.index)).all())
+    f = sample(tiny_ensemble.net, tiny_ensemble.schedule, make_tape([8], tiny_ensemble.shape,
+                                                                    tiny_ensemble.schedule.T))[0]
+    d = (tiny_data.x.flatten(1).double() - f.flatten().double()).norm(dim=1)
+    near = att["near_copy"]
+    assert [index_of[n["training_item_id"]] for n in near["nearest"]] == torch.argsort(d)[:3].tolist()
+    assert near["nearest"][0]["distance"] == pytest.approx(float(d.min()), rel=1e-4)
+    assert near["near_copy"] == (near["ratio"] <= near["threshold"] == 0.5)
+
+
 def test_exact_attribution_equals_brute_force(svc: Service, tiny_ensemble: Ensemble,
                                              tiny_data: TinyData) -> None:
     gid = generate(svc, [2], steps=10)["generation_ids"][0]
