@@ -381,7 +381,7 @@ class InfluencePublic(BaseModel):
     score_name: Literal["influence", "resemblance"] = Field(description="the score that ranked it")
     score: float = Field(description="this work's value of that score (GET /attributions/{id} has both)")
     exact_score: float | None = Field(description="its exact value, where verified")
-    p_value: float | None = Field(None, description="its decoy p-value (exact where verified): how often "
+    p_value: float | None = Field(None, description="its decoy p-value (the one that decides): how often "
                                   "removing random members moves the generation away from this work as much")
     attributable: bool | None = Field(None, description="whether the attribution named a work at all (its "
                                       "top work significant); null when not measured")

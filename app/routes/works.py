@@ -82,7 +82,7 @@ async def get_influence(work_id: PathId, p: OwnerDep, db: DatabaseDep, reads: Re
 
 _INFLUENCE = (
     select(AttributionEntry.rank, AttributionEntry.score, AttributionEntry.exact_score,
-           func.coalesce(AttributionEntry.exact_p_value, AttributionEntry.p_value).label("p_value"),
+           AttributionEntry.p_value,
            Attribution.id.label("attribution_id"), Attribution.top_k, Attribution.method, Attribution.metric,
            Attribution.score.label("score_name"), Attribution.attributable, Attribution.copy_of_item_id,
            Attribution.finished_at, Attribution.created_at,
