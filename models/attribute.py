@@ -1,8 +1,10 @@
 """Attribution of generated samples to training sources, end to end.
 
-synthetic ranking of every source (one Jacobian, Gram matrix) -> optional LPIPS re-ranking
-of the top candidates -> optional exact verification of the top-k, with agreement figures.
-This is the one function the CLI and the service workers call.
+synthetic scores of every source (one Jacobian: influence from the Gram matrix, resemblance
+from the training images) -> decoy p-values of the top candidates -> optional LPIPS re-ranking
+-> exact counterfactuals of the top ``verify_top_k``, re-ranked by their exact values ->
+``conclude``: the top k and whether the sample is attributable; ``copy_checks``: near-copies.
+These are the functions the CLI, the experiments and the service workers call.
 """
 
 from __future__ import annotations
