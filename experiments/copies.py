@@ -48,6 +48,7 @@ from models.attribute import (
     verify,
 )
 from models.codes import CodeBook
+from models.copies import nearest_neighbour_median
 from models.distances import l2_distance
 from models.ensemble import Ensemble
 from models.sampler import NoiseTape
@@ -120,13 +121,12 @@ class CopyDetection:
 
 def nearest_training(images: Tensor, x_train: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     """Nearest training image of every sample: (index (B,), distance (B,)) and the median
-    over training images of their nearest-other-image distance."""
+    over training images of their nearest-other-image distance (the service's copy check's
+    scale, ``models.copies.nearest_neighbour_median``)."""
     xt = x_train.flatten(1).double()
     d = torch.cdist(images.flatten(1).double().cpu(), xt)
     dist, idx = d.min(dim=1)
-    dt = torch.cdist(xt, xt)
-    dt.fill_diagonal_(float("inf"))
-    return idx.numpy(), dist.numpy(), float(np.median(dt.min(dim=1).values.numpy()))
+    return idx.numpy(), dist.numpy(), nearest_neighbour_median(x_train)
 
 
 def copy_detection(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, top: int = 5,
