@@ -37,7 +37,6 @@ from experiments.common import (
     synthetic_scores,
 )
 from experiments.figures import image_table, stack
-from models.ablation import jacobian
 from models.attribute import (
     DECOYS,
     DEFAULT_SCORE,
@@ -51,6 +50,7 @@ from models.codes import CodeBook
 from models.copies import nearest_neighbour_median
 from models.distances import l2_distance
 from models.ensemble import Ensemble
+from models.resemblance import squared_norms
 from models.sampler import NoiseTape
 
 TOP1_RATE_COPIES = Target(">=", 0.9)
@@ -104,6 +104,7 @@ class CopyDetection:
         exact: (R, S) their exact counterfactual distance with each source ablated, or None
             when no exact check was asked for.
         exact_resemblance: (R, S) the same counterfactuals' resemblance d(cf_s, X_s) - d(f, X_s).
+        jacobians: (B, D, n) each sample's Jacobian (what ``trust`` ranks from, whatever the codes).
     """
 
     seeds: list[int]
@@ -117,6 +118,7 @@ class CopyDetection:
     exact_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     exact: np.ndarray | None = None
     exact_resemblance: np.ndarray | None = None
+    jacobians: Tensor | None = field(default=None, repr=False)
 
 
 def nearest_training(images: Tensor, x_train: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
@@ -132,12 +134,12 @@ def nearest_training(images: Tensor, x_train: Tensor) -> tuple[np.ndarray, np.nd
 def copy_detection(ens: Ensemble, tape: NoiseTape, x_train: Tensor, *, top: int = 5,
                    jacobian_batch: int = 8, progress: ProgressFn = ignore_progress) -> CopyDetection:
     """Synthetic top-``top`` sources and the nearest training image of every sample."""
-    f, _, syn = synthetic_scores(ens, tape, batch=jacobian_batch, progress=progress)
+    f, J, syn = synthetic_scores(ens, tape, batch=jacobian_batch, progress=progress)
     nn_item, nn_dist, train_med = nearest_training(f, x_train)
     top_sources = torch.topk(syn, min(top, syn.shape[1]), dim=1).indices.numpy()
     nn_source = ens.codebook.item_source[nn_item]
     return CopyDetection(list(tape.seeds), f, nn_item, nn_dist, train_med, top_sources,
-                         nn_source, _rank_of(syn.numpy(), nn_source))
+                         nn_source, _rank_of(syn.numpy(), nn_source), jacobians=J)
 
 
 def _rank_of(score: np.ndarray, source: np.ndarray) -> np.ndarray:
@@ -278,17 +280,21 @@ def _candidate_p(results: list[SampleAttribution]) -> list[dict[int, tuple[float
     return [{e.source: (e.p_value, e.exact_p_value) for e in r.ranking} for r in results]
 
 
-def trust(ens: Ensemble, tape: NoiseTape, x_train: Tensor, cfg: AttributionConfig, *,
+def trust(ens: Ensemble, tape: NoiseTape, f: Tensor, J: Tensor, x_train: Tensor, cfg: AttributionConfig, *,
           progress: ProgressFn = ignore_progress) -> tuple[Attributed, Attributed]:
     """The service's attribution of every sample: synthetic only (``conclude`` of the screen), and
-    its default (the screen's top ``verify_top_k`` re-ranked by exact counterfactuals)."""
+    its default (the screen's top ``verify_top_k`` re-ranked by exact counterfactuals). f (B, C, H, W)
+    and J (B, D, n): the samples and their Jacobians (they do not depend on the codes)."""
     B = len(tape.seeds)
     synthetic, verified = [], []
+    norms_sq = squared_norms(x_train)
+    on = next(ens.net.parameters()).device  # where the exact re-runs and their samples meet
     progress("trust", 0, B)
     for b0 in range(0, B, 8):
-        sub = tape.select(torch.arange(b0, min(B, b0 + 8)))
-        f, J = jacobian(ens.net, ens.schedule, sub)
-        results = rank_sources(ens, sub.seeds, f, J, cfg, images=x_train)
+        rows = torch.arange(b0, min(B, b0 + 8))
+        sub = tape.select(rows)
+        results = rank_sources(ens, sub.seeds, f[rows].to(on), J[rows].to(on), cfg, images=x_train,
+                               norms_sq=norms_sq)
         screen = [replace(r, ranking=list(r.ranking), exact=list(r.exact)) for r in results]
         screen_p = _candidate_p(screen)
         for r in screen:
@@ -364,8 +370,9 @@ def run(config: CopiesConfig, out_dir: Path, progress: ProgressFn = ignore_progr
                             verify_top_k=min(config.verify_top_k, ens.codebook.num_sources),
                             decoys=config.decoys, exact_decoys=min(config.exact_decoys, config.decoys))
     is_copy = near_copies(res, config.copy_ratio)
-    syn_att, default_att = trust(ens, tape, x_train, cfg, progress=progress)
-    _, shuffled_att = trust(shuffled(ens), tape, x_train, cfg)
+    assert res.jacobians is not None
+    syn_att, default_att = trust(ens, tape, res.images, res.jacobians, x_train, cfg, progress=progress)
+    _, shuffled_att = trust(shuffled(ens), tape, res.images, res.jacobians, x_train, cfg)
     trust_numbers: dict[str, Any] = {
         "score": cfg.score, "verify_top_k": cfg.verify_top_k, "decoys": cfg.decoys,
         "exact_decoys": cfg.exact_decoys, "alpha": cfg.alpha,

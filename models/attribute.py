@@ -38,7 +38,9 @@ from models.resemblance import (
     decoy_resemblance,
     gaussian_tail_pvalues,
     image_terms,
+    pixels,
     resemblance,
+    set_distance,
 )
 from models.sampler import NoiseTape, exact_counterfactuals
 from models.unet import WideUNet
@@ -49,13 +51,15 @@ DEFAULT_SCORE = "resemblance"
 """What ranks item sources when a request does not say: resemblance, which the copies validation
 found specific to the work where influence is not (README "Trust")."""
 SET_SOURCE_SCORE = "influence"
-"""What ranks class and owner sources by default: a set's nearest image is a poor stand-in for
-"the source's content", and the class control measured resemblance below influence there."""
+"""What ranks class and owner sources by default (a set's nearest image is a poor stand-in for
+"the source's content": the class control measured resemblance below influence there), and any
+source under metric lpips (resemblance is pixel L2)."""
 
 
-def default_score(granularity: str) -> str:
-    """The default ranking score for sources of this granularity (item, class, owner)."""
-    return DEFAULT_SCORE if granularity == "item" else SET_SOURCE_SCORE
+def default_score(granularity: str, metric: str = "l2") -> str:
+    """The default ranking score for sources of this granularity (item, class, owner) and metric:
+    resemblance is measured in pixel L2, so metric lpips ranks by influence."""
+    return DEFAULT_SCORE if granularity == "item" and metric == "l2" else SET_SOURCE_SCORE
 DECOYS = 10_000
 """Decoy codes per attribution (fewer when fewer weight-k codes are free)."""
 ALPHA = 0.05
@@ -466,9 +470,10 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
             entry.exact_lpips = float(d_lp[j]) if d_lp is not None else None
             if r_exact is not None:
                 entry.exact_resemblance = float(r_exact[j])
-        if r_exact is not None and E and images is not None:
-            null = torch.stack([_exact_resemblance(exact_decoys[b], res.image, images, book.item_source,
-                                                   torch.full((E,), int(s))) for s in src[b].tolist()])
+        if r_exact is not None and E and images is not None:  # (K, E): every decoy against each source
+            null = torch.stack([set_distance(exact_decoys[b], images, book.item_source, s)
+                                - set_distance(res.image[None], images, book.item_source, s)
+                                for s in src[b].tolist()])
             p = decoy_pvalues(r_exact, null)  # empirical: reported, never deciding (``SourceScore.p``)
             for j, entry in enumerate(res.ranking[:K]):
                 entry.exact_p_value = float(p[j])
@@ -488,22 +493,9 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
 def _exact_resemblance(counterfactuals: Tensor, f: Tensor, images: TrainingImages, item_source: np.ndarray,
                        sources: Tensor) -> Tensor:
     """d(cf_s, X_s) - d(f, X_s) of computed counterfactuals (K, C, H, W) of ``sources`` (K,)."""
-    out = torch.empty(len(sources), dtype=torch.float64)
-    f64 = f.detach().to(torch.float64).cpu().flatten()
-    for j, s in enumerate(sources.tolist()):
-        x = _as_float(images, np.flatnonzero(item_source == s)).flatten(1)
-        cf = counterfactuals[j].detach().to(torch.float64).cpu().flatten()
-        out[j] = (x - cf).norm(dim=1).min() - (x - f64).norm(dim=1).min()
-    return out
-
-
-def _as_float(images: TrainingImages, rows: np.ndarray) -> Tensor:
-    """Rows of the training images as float64 in [-1, 1]."""
-    block = images[torch.from_numpy(rows)] if isinstance(images, Tensor) else np.asarray(images[rows])
-    x = torch.as_tensor(block)
-    if x.dtype == torch.uint8:
-        return x.to(torch.float64) / 127.5 - 1.0
-    return x.to(torch.float64)
+    return torch.stack([(set_distance(counterfactuals[j : j + 1], images, item_source, s)
+                         - set_distance(f[None], images, item_source, s))[0]
+                        for j, s in enumerate(sources.tolist())])
 
 
 def copy_checks(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution], images: TrainingImages, *,
@@ -536,7 +528,7 @@ def copy_checks(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution]
         cf = exact_counterfactuals(ens.net, ens.schedule, tape, ablation_weights(bits, ens.k, served), rows,
                                    members=members)
         for j, (b, _) in enumerate(todo):
-            x = _as_float(images, checks[b].items[:1])[0].flatten()
+            x = pixels(images, checks[b].items[:1])[0]
             f64 = results[b].image.detach().to(torch.float64).cpu().flatten()
             cf_j = cf[j].detach().to(torch.float64).cpu().flatten()
             checks[b] = checks[b].confirm(float((cf_j - x).norm() - (f64 - x).norm()))

@@ -16,18 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.resemblance import pixels
+
 COPY_RATIO = 0.5
 """Near-copy: nearest distance <= COPY_RATIO * the training set's median nearest-neighbour distance."""
 NN_SAMPLE = 2000
 """Training images whose nearest-neighbour distances estimate the median (all of them when fewer)."""
 CHUNK = 1 << 14
-
-
-def _rows(images: Tensor | np.ndarray, lo: int, hi: int) -> Tensor:
-    """Rows lo:hi as (r, D) float64 in [-1, 1] (uint8 mapped as u / 127.5 - 1)."""
-    block = torch.as_tensor(np.asarray(images[lo:hi]) if isinstance(images, np.ndarray) else images[lo:hi])
-    x = block.reshape(hi - lo, -1)
-    return x.to(torch.float64) / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(torch.float64)
 
 
 def nearest_images(f: Tensor, images: Tensor | np.ndarray, count: int = 3,
@@ -40,7 +35,7 @@ def nearest_images(f: Tensor, images: Tensor | np.ndarray, count: int = 3,
     best_i = torch.empty(0, dtype=torch.long)
     for lo in range(0, N, CHUNK):
         hi = min(N, lo + CHUNK)
-        d = (_rows(images, lo, hi) - target).norm(dim=1)
+        d = (pixels(images, slice(lo, hi)) - target).norm(dim=1)
         if exclude is not None and lo <= exclude < hi:
             d[exclude - lo] = float("inf")
         best_d = torch.cat([best_d, d])
@@ -59,12 +54,12 @@ def nearest_neighbour_median(images: Tensor | np.ndarray, sample: int = NN_SAMPL
         raise ValueError("the nearest-neighbour distance needs at least two training images")
     rng = np.random.default_rng(seed)
     rows = np.arange(N) if sample >= N else np.sort(rng.choice(N, sample, replace=False))
-    queries = torch.cat([_rows(images, i, i + 1) for i in rows.tolist()])  # (Q, D)
+    queries = pixels(images, rows)  # (Q, D)
     nearest = torch.full((len(rows),), float("inf"), dtype=torch.float64)
     own = torch.from_numpy(rows)
     for lo in range(0, N, CHUNK):
         hi = min(N, lo + CHUNK)
-        d = torch.cdist(queries, _rows(images, lo, hi))  # (Q, r)
+        d = torch.cdist(queries, pixels(images, slice(lo, hi)))  # (Q, r)
         inside = (own >= lo) & (own < hi)
         d[inside.nonzero().flatten(), own[inside] - lo] = float("inf")  # not itself
         nearest = torch.minimum(nearest, d.min(dim=1).values)

@@ -96,12 +96,28 @@ def squared_norms(images: Tensor | np.ndarray, *, chunk: int = IMAGE_CHUNK) -> T
     N = images.shape[0]
     out = torch.empty(N, dtype=torch.float64)
     for lo in range(0, N, chunk):
-        hi = min(N, lo + chunk)
-        block = images[lo:hi]
-        u = _read_only_tensor(block) if isinstance(block, np.ndarray) else block
-        x = u.reshape(hi - lo, -1).cpu().to(torch.float64)
-        out[lo:hi] = ((x / 127.5 - 1.0) if u.dtype == torch.uint8 else x).pow(2).sum(dim=1)
+        out[lo : lo + chunk] = pixels(images, slice(lo, min(N, lo + chunk))).pow(2).sum(dim=1)
     return out
+
+
+def pixels(images: Tensor | np.ndarray, index: slice | np.ndarray) -> Tensor:
+    """Training images ``images[index]`` as (r, D) float64 in [-1, 1]: uint8 mapped as u / 127.5 - 1,
+    floats as they are; a numpy memmap is read for these rows only."""
+    if isinstance(images, np.ndarray):
+        block = _read_only_tensor(images[index])
+    else:
+        block = images[index if isinstance(index, slice) else torch.from_numpy(np.asarray(index))]
+    x = block.reshape(block.shape[0], -1).cpu()
+    return x.to(torch.float64) / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(torch.float64)
+
+
+def set_distance(y: Tensor, images: Tensor | np.ndarray, item_source: np.ndarray, source: int) -> Tensor:
+    """d(y, X_s) = min over the source's images of ||y - x||: y (R, ...) -> (R,) float64, exact
+    (no ||a||^2 - 2ab + ||b||^2 shortcut: a near-copy's distance is close to 0)."""
+    x = pixels(images, np.flatnonzero(np.asarray(item_source) == source))
+    d = torch.cdist(y.detach().reshape(y.shape[0], -1).to(torch.float64).cpu(), x,
+                    compute_mode="donot_use_mm_for_euclid_dist")
+    return d.min(dim=1).values
 
 
 def _read_only_tensor(block: np.ndarray) -> Tensor:

@@ -189,7 +189,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     if ds.fingerprint() != ens.dataset.fingerprint:
         raise CLIError(f"--data {spec!r} is not the data {args.ckpt} was trained on "
                        f"(fingerprint mismatch)")
-    score = args.score or (default_score(ens.codebook.granularity) if args.metric == "l2" else "influence")
+    score = args.score or default_score(ens.codebook.granularity, args.metric)
     try:
         cfg = AttributionConfig(args.top_k, args.metric, max(args.rerank, args.top_k),
                                 min(args.verify_top_k, ens.codebook.num_sources), score=score,

@@ -30,6 +30,7 @@ from app.schemas import AttributeOptions
 from app.settings import Settings
 from app.unlearning import head_of, retrain_in_progress
 from app.writer import Tx
+from models.attribute import default_score
 
 CHUNK = 500
 """Rows per statement when reading or writing many (keeps IN lists and VALUES bounded)."""
@@ -135,7 +136,7 @@ def ranking_score(options: AttributeOptions, settings: Settings) -> str:
     """What ranks: the request's score, else the service's default (influence for metric lpips)."""
     if options.score is not None:
         return options.score
-    return settings.default_score if options.metric == "l2" else "influence"
+    return settings.default_score if options.metric == "l2" else default_score("item", options.metric)
 
 
 _GENERATION_REF = (Generation.id, Generation.seed, Generation.status)
