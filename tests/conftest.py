@@ -130,11 +130,15 @@ def cli_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def base_env(tmp_path: Path) -> dict[str, str]:
-    """A clean environment for service processes: data under tmp_path, one torch thread each."""
+def service_env(data_dir: Path) -> dict[str, str]:
+    """A clean environment for service processes: data under data_dir, one torch thread each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRIB_") and k not in
            ("DATABASE_URL", "BROKER_URL")}
-    env.update(ATTRIB_DATA_DIR=str(tmp_path / "data"), ATTRIB_WORKER_THREADS="1", OMP_NUM_THREADS="1",
+    env.update(ATTRIB_DATA_DIR=str(data_dir), ATTRIB_WORKER_THREADS="1", OMP_NUM_THREADS="1",
                ATTRIB_HEARTBEAT_S="1")
     return env
+
+
+@pytest.fixture
+def base_env(tmp_path: Path) -> dict[str, str]:
+    return service_env(tmp_path / "data")

@@ -1,101 +1,91 @@
-"""Hostile input: schemathesis' own engine (what `schemathesis run --checks all` runs) against the
-app's OpenAPI schema, in-process, as an operator, as a rights holder (both header forms), with a
-forged key and with none. Its examples, coverage (boundary values, wrong types, missing and
-malformed parameters, unsupported methods) and fuzzing phases send schema-valid and schema-violating
-requests, and every check judges the answers. Zero failures allowed. Bounded and repeatable: a
-fixed seed, deterministic generation, a few fuzzed examples per operation.
+"""Hostile input: schemathesis' own engine (what `schemathesis run --checks all` runs) against
+`attrib serve` (uvicorn, in its own process, as `make run` serves it), as an operator, as a rights
+holder (both header forms), with a forged key and with none. Its examples and coverage phases
+(boundary values, wrong types, missing and malformed parameters and bodies, unsupported methods)
+send schema-valid and schema-violating requests for every credential; the fuzzing phase adds
+random valid and invalid cases for the two principals that reach the operations' code (operator,
+rights holder) -- with a forged key or none every request ends at authentication, which the
+coverage phase already sends every kind of input to. Every check judges the answers; zero
+failures allowed. Bounded and repeatable: a fixed seed, deterministic generation, a few fuzzed
+examples per operation; the five runs go on in two processes at once (their answers do not
+depend on each other's: every check judges one answer).
 
 Below it, what the engine found once, pinned as plain requests (so a regression names itself)."""
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import multiprocessing
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
-import schemathesis
-from schemathesis.config import SchemathesisConfig
-from schemathesis.engine import Status, events, from_schema
-from schemathesis.engine.recorder import Interaction
+from sqlalchemy import select
 
+from app.auth import create_key
+from app.db import Database
+from app.orm import Owner
+from tests.conftest import service_env
+from tests.procs import serve, stop
+from tests.schemathesis_run import PHASES, Run, run_schemathesis
 from tests.service.conftest import Service
 
-SCHEMATHESIS = {
-    "seed": 16,
-    "generation": {"mode": "all", "max-examples": 10, "deterministic": True, "database": "none"},
-    "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True},
-               "stateful": {"enabled": False}},
-    "checks": {"enabled": True},
-    "suppress-health-check": ["all"],
-    "cache": {"enabled": False},  # nothing learnt from an earlier run: each run the same
-}
 FORGED = "attrib_000000000000_forged"
+CREDENTIALS = ("operator", "rights-holder-bearer", "rights-holder-x-api-key", "forged-key", "no-key")
+FUZZED = ("operator", "rights-holder-bearer")
+"""The credentials the fuzzing phase runs for (the others: examples and coverage)."""
 
 
-def credentials(svc: Service, who: str) -> dict[str, str]:
-    return {"operator": svc.op(),
-            "rights-holder-bearer": {"Authorization": f"Bearer {svc.owner_keys['alice']}"},
-            "rights-holder-x-api-key": {"X-API-Key": svc.owner_keys["alice"]},
+@dataclass(frozen=True)
+class Served:
+    """`attrib serve` on a copy of the tiny service database, and the five runs against it."""
+
+    url: str
+    runs: dict[str, Future[Run]]
+
+
+def credentials(operator_key: str, alice_key: str) -> dict[str, dict[str, str]]:
+    return {"operator": {"Authorization": f"Bearer {operator_key}"},
+            "rights-holder-bearer": {"Authorization": f"Bearer {alice_key}"},
+            "rights-holder-x-api-key": {"X-API-Key": alice_key},
             "forged-key": {"Authorization": f"Bearer {FORGED}"},
-            "no-key": {}}[who]
+            "no-key": {}}
 
 
-@dataclass
-class Run:
-    operations: set[str] = field(default_factory=set)
-    methods: set[str] = field(default_factory=set)
-    negative: int = 0
-    cases: int = 0
-    failures: list[str] = field(default_factory=list)
+@pytest.fixture(scope="module")
+def served(template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One server for the five credentials (clients of one service), their runs started at
+    once in two processes (this machine's cores), each test reading its own."""
+    home = tmp_path_factory.mktemp("schemathesis")
+    (home / "data").mkdir()
+    shutil.copy(template_db, home / "data" / "attrib.db")
+    db = Database(f"sqlite:///{home / 'data' / 'attrib.db'}")
+    with db.session() as s:
+        _, operator_key = create_key(s, None, "schemathesis operator")
+        _, alice_key = create_key(s, s.scalar(select(Owner).where(Owner.name == "alice")), "schemathesis")
+    db.dispose()
+    env = {**service_env(home / "data"), "ATTRIB_RATE_LIMIT_PER_MINUTE": "0", "ATTRIB_MAX_BATCH_SEEDS": "20",
+           "ATTRIB_MAX_SEEDS_PER_REQUEST": "8", "ATTRIB_REAPER_INTERVAL_S": "0"}
+    proc, url = serve(env, home, workers=0)  # jobs stay queued: what is tested is the HTTP surface
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        runs = {who: pool.submit(run_schemathesis, url, headers, PHASES if who in FUZZED else PHASES[:2])
+                for who, headers in credentials(operator_key, alice_key).items()}
+        yield Served(url, runs)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        stop([proc])
 
 
-def exchange(sent: Interaction | None) -> str:
-    if sent is None:
-        return "  (no request recorded)"
-    answer = sent.response
-    got = f"{answer.status_code} {(answer.content or b'')[:300]!r}" if answer is not None else "nothing"
-    body = (sent.request.body or b"")[:300]
-    return f"  sent: {sent.request.method} {sent.request.uri} {body!r}\n  got: {got}"
-
-
-def run_schemathesis(svc: Service, headers: dict[str, str]) -> Run:
-    config = SchemathesisConfig.from_dict({**SCHEMATHESIS, "headers": headers})
-    schema = schemathesis.openapi.from_asgi("/openapi.json", svc.client.app, config=config)
-    run = Run()
-    for event in from_schema(schema).execute():
-        if isinstance(event, events.ScenarioFinished):
-            rec = event.recorder
-            run.operations.add(rec.label)
-            for case_id, node in rec.cases.items():
-                run.cases += 1
-                meta = node.value.meta
-                run.negative += bool(meta is not None and meta.generation.mode.is_negative)
-                if case_id in rec.interactions:
-                    run.methods.add(rec.interactions[case_id].request.method)
-            for case_id, checks in rec.checks.items():
-                for check in checks:
-                    if check.status == Status.FAILURE and check.failure_info is not None:
-                        why = f"{check.name}: {check.failure_info.failure.message}"
-                        run.failures.append(f"[{event.phase}] {rec.label}: {why}\n"
-                                            f"{exchange(rec.interactions.get(case_id))}")
-        elif isinstance(event, events.NonFatalError):
-            run.failures.append(f"[{event.phase}] {event.label}: error in the app or the run:\n"
-                                + "".join(traceback.format_exception(event.value))[-3000:])
-        elif isinstance(event, events.FatalError):
-            run.failures.append("schemathesis failed:\n"
-                                + "".join(traceback.format_exception(event.exception)))
-    return run
-
-
-@pytest.mark.parametrize("who", ["operator", "rights-holder-bearer", "rights-holder-x-api-key", "forged-key",
-                                 "no-key"])
-def test_every_operation_every_check(make_service: Callable[..., Service], who: str) -> None:
-    svc = make_service(rate_limit_per_minute=0, max_batch_seeds=20, max_seeds_per_request=8)
-    run = run_schemathesis(svc, credentials(svc, who))
+@pytest.mark.parametrize("who", CREDENTIALS)
+def test_every_operation_every_check(served: Served, who: str) -> None:
+    run = served.runs[who].result()
     assert not run.failures, f"{len(run.failures)} failure(s):\n\n" + "\n\n".join(dict.fromkeys(run.failures))
     # It did run what it says: every operation, hostile data, methods the schema does not list.
-    paths = svc.client.get("/openapi.json").json()["paths"]
+    paths = httpx.get(f"{served.url}/openapi.json").json()["paths"]
     assert run.operations == {f"{m.upper()} {path}" for path, ops in paths.items() for m in ops}
     assert run.negative > 0.2 * run.cases, (run.negative, run.cases)
     assert {"OPTIONS", "PUT", "DELETE", "PATCH", "TRACE"} <= run.methods, run.methods
