@@ -11,6 +11,7 @@ import hashlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image as PILImage
@@ -20,8 +21,10 @@ from sqlalchemy.orm import Session
 from app.orm import Dataset, EnsembleRow, Image, Owner, SourceCode, TrainingItem
 from app.pictures import to_png
 from models.codes import validate_codes
-from models.data import ImageDataset
-from models.ensemble import Ensemble
+
+if TYPE_CHECKING:
+    from models.data import ImageDataset
+    from models.ensemble import Ensemble
 
 
 class RegistryError(ValueError):
@@ -125,6 +128,8 @@ def register_ensemble(s: Session, ens: Ensemble, checkpoint: Path, name: str) ->
 def stored_dataset(s: Session, dataset_id: int) -> ImageDataset:
     """The training works of an imported dataset, read back from their stored PNGs (lossless: the
     same uint8 pixels, so the same fingerprint as the data imported)."""
+    from models.data import ImageDataset  # torch: loaded by the worker or CLI that reads works back
+
     ds = s.get(Dataset, dataset_id)
     if ds is None:
         raise RegistryError(f"dataset {dataset_id} does not exist")

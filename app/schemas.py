@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic.config import JsonDict
 
 from experiments import CONFIGS, AnyConfig
-from experiments.classifiers import ClassifierKind
+from experiments.configs import ClassifierKind
 
 
 def _utc(d: datetime) -> datetime:

@@ -20,21 +20,21 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from sqlalchemy import Table, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from app import jobs
 from app.db import Database
 from app.orm import EnsembleRow, Job, OptOut, OptOutEffect, SourceCode, TrainingItem, utcnow
-from app.registry import RegistryError, stored_dataset
 from app.schemas import OptOutEnsemblePublic, OptOutPublic
 from models.codes import mask_bits, member_manifests
-from models.ensemble import Ensemble
-from models.train import TrainConfig
-from models.unlearn import plan_retrain, retrain, retrain_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.train import TrainConfig
 
 log = logging.getLogger(__name__)
 _CHUNK = 500  # rows per IN list
@@ -232,6 +232,12 @@ def retrain_lineage(
     that job in the same transaction. A version that drops no member needs nothing (the result
     names it). Resumes from the state a killed run saved; plans again when an opt-out arrives
     meanwhile, so the version registered has every withdrawn work out."""
+    # The engine (torch) is loaded here, by the worker or the CLI that retrains: the API imports
+    # this module for opt-outs and starts without it.
+    from app.registry import RegistryError, stored_dataset
+    from models.ensemble import Ensemble
+    from models.unlearn import plan_retrain, retrain, retrain_config
+
     while True:
         with db.session() as s:
             head = head_of(s, lineage_id)

@@ -1,40 +1,47 @@
 """Validation experiments: evidence that the attributions are right (paper Figures 1c and 2a).
 
 One module per experiment -- ``classes`` (the class-ablation control), ``fidelity``
-(synthetic against exact influence), ``copies`` (copy detection) -- each with a frozen config
-whose fields are named like the `attrib validate` flags, and ``run(config, out_dir, progress)``,
-which writes ``report.json`` and PNG figures into ``out_dir`` and returns the typed Report.
-``common`` holds what they share (the ensemble a config names, targets, reports, sampling
+(synthetic against exact influence), ``copies`` (copy detection) -- each with
+``run(config, out_dir, progress)``, which writes ``report.json`` and PNG figures into
+``out_dir`` and returns the typed Report. Their frozen configs, whose fields are named like the
+`attrib validate` flags, are in ``configs`` (no torch: the API validates requests with them).
+``common`` holds what the runs share (the ensemble a config names, targets, reports, sampling
 loops), beside ``statistics``, ``classifiers`` and ``figures``. Built on models/ only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING
 
-import torch
-from pydantic import Field
+from experiments.configs import (
+    CONFIGS,
+    AnyConfig,
+    ClassesConfig,
+    Config,
+    CopiesConfig,
+    FidelityConfig,
+)
 
-from experiments import classes, copies, fidelity
-from experiments.classes import ClassesConfig
-from experiments.common import LogFn, ProgressFn, Report, ignore_log, ignore_progress
-from experiments.copies import CopiesConfig
-from experiments.fidelity import FidelityConfig
+if TYPE_CHECKING:
+    import torch
 
-AnyConfig = ClassesConfig | FidelityConfig | CopiesConfig
-Config = Annotated[AnyConfig, Field(discriminator="experiment")]
-"""The config of any experiment, told apart by its ``experiment`` field (for pydantic)."""
+    from experiments.common import LogFn, ProgressFn, Report
 
-CONFIGS: dict[str, type[AnyConfig]] = {"classes": ClassesConfig, "fidelity": FidelityConfig,
-                                              "copies": CopiesConfig}
+__all__ = ["CONFIGS", "AnyConfig", "ClassesConfig", "Config", "CopiesConfig", "FidelityConfig", "run"]
 
 
-def run(config: AnyConfig, out_dir: Path, progress: ProgressFn = ignore_progress, *,
-        device: torch.device | str = "cpu", log: LogFn = ignore_log) -> Report:
-    """Run the experiment ``config`` is the config of (see each module's ``run``)."""
+def run(config: AnyConfig, out_dir: Path, progress: ProgressFn | None = None, *,
+        device: torch.device | str = "cpu", log: LogFn | None = None) -> Report:
+    """Run the experiment ``config`` is the config of (see each module's ``run``); progress and
+    log default to ignoring what they are told."""
+    # The runs load torch; imported here so that importing this package (its configs) does not.
+    from experiments import classes, copies, fidelity
+    from experiments.common import ignore_log, ignore_progress
+
+    on_progress, on_log = progress or ignore_progress, log or ignore_log
     if isinstance(config, ClassesConfig):
-        return classes.run(config, out_dir, progress, device=device, log=log)
+        return classes.run(config, out_dir, on_progress, device=device, log=on_log)
     if isinstance(config, FidelityConfig):
-        return fidelity.run(config, out_dir, progress, device=device, log=log)
-    return copies.run(config, out_dir, progress, device=device, log=log)
+        return fidelity.run(config, out_dir, on_progress, device=device, log=on_log)
+    return copies.run(config, out_dir, on_progress, device=device, log=on_log)

@@ -10,17 +10,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field
 from torch import Tensor
 
-from experiments.classifiers import Classifier, ClassifierKind, train_classifier
+from experiments.classifiers import Classifier, train_classifier
 from experiments.common import (
     Comparison,
-    ExperimentConfig,
     LogFn,
     Outcome,
     ProgressFn,
@@ -32,12 +31,13 @@ from experiments.common import (
     ignore_progress,
     prepare,
 )
+from experiments.configs import ClassesConfig
 from experiments.figures import histogram, image_table, stack
 from experiments.statistics import mann_whitney_greater
-from models.attribute import default_score
 from models.distances import LPIPSMetric, LPIPSUnavailable, l2_distance, load_lpips
 from models.ensemble import Ensemble
 from models.sampler import NoiseTape
+from models.scores import default_score
 
 P_VALUE = Target("<", 1e-30)
 """Mann-Whitney p of the predicted class's distances against the other classes'."""
@@ -50,32 +50,6 @@ MIN_SAMPLES = Target(">=", 1000)
 DEFAULT_AT_LEAST_PAPER = Comparison("default score", ">=", "influence")
 """The default score's fraction of samples whose predicted class is largest, against the paper's
 (influence, L2) in the same run."""
-
-
-class ClassesConfig(ExperimentConfig):
-    """`attrib validate classes`: what to train (class granularity) and how to classify, sample
-    and compare."""
-
-    STAGES: ClassVar[tuple[str, ...]] = ("sample", "exact")
-
-    experiment: Literal["classes"] = "classes"
-    samples: PositiveInt = 1000
-    codes: Literal["balanced", "random"] = "balanced"
-    exclude_classes: tuple[str, ...] = ()
-    classifier: ClassifierKind = "svc"
-    min_confidence: Annotated[float, Field(gt=0, le=1)] = 0.9
-    lpips: bool = True
-    lpips_random_trunk: bool = False
-    grid_rows: PositiveInt = 8
-    raw: bool = False
-
-    @field_validator("exclude_classes", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        """The flag's form "5,7,9" is ("5", "7", "9")."""
-        if isinstance(value, str):
-            return tuple(c.strip() for c in value.split(",") if c.strip())
-        return value
 
 
 @dataclass

@@ -4,14 +4,13 @@ one): scikit-learn's, or a small PyTorch CNN behind the same calls."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-ClassifierKind = Literal["svc", "logreg", "mlp", "cnn"]
-CLASSIFIERS: tuple[str, ...] = get_args(ClassifierKind)
+from experiments.configs import CLASSIFIERS, ClassifierKind  # noqa: F401 - re-exported
 
 
 class SmallCNN(torch.nn.Module):

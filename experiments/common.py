@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor
 
+from experiments.configs import Checkpoint, ExperimentConfig, Training
 from models.ablation import ablation_weights, delta_w, gram, influence, jacobian
 from models.codes import CapacityError
 from models.data import DatasetError, ImageDataset, load_data
@@ -154,81 +154,6 @@ def _json_safe(obj: Any) -> Any:
 
 
 # ============================================================================ configs
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Checkpoint(Frozen):
-    """Use a trained ensemble as it is. Its data is reloaded from the spec it records, or from
-    ``data`` (a models.data.load_dataset spec) when given."""
-
-    checkpoint: str
-    data: str | None = None
-
-
-class Training(Frozen):
-    """Train a fresh ensemble into OUT/ensemble.pt; None takes the preset's value (k: n/2)."""
-
-    data: str = "digits"
-    subset: Annotated[int, Field(ge=2)] | None = None
-    subset_seed: NonNegativeInt = 0
-    preset: str = "digits"
-    n: Annotated[int, Field(ge=2)] = 16
-    k: PositiveInt | None = None
-    train_steps: PositiveInt | None = None
-    batch_size: PositiveInt | None = None
-    lr: PositiveFloat | None = None
-
-
-ENSEMBLE_OPTIONS = ("checkpoint", "data", *(name for name in Training.model_fields if name != "data"))
-"""The options that say how an experiment gets its ensemble (Checkpoint's and Training's fields)."""
-
-
-class ExperimentConfig(Frozen):
-    """What every experiment takes. Field names are those of the `attrib validate` flags."""
-
-    STAGES: ClassVar[tuple[str, ...]] = ()
-    """The progress stages of the experiment after training."""
-
-    ensemble: Checkpoint | Training = Training()
-    seed: NonNegativeInt = 0
-    samples: PositiveInt = 16
-    seed_start: NonNegativeInt = 0
-    steps: PositiveInt | None = None
-    chunk: PositiveInt = 256
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> Self:
-        """The config of flat options named like the flags: ``checkpoint`` (and ``data``), or the
-        training options, beside the experiment's own. None means "not given" (the default);
-        with a checkpoint, training options are ignored. Values are validated (and strings
-        converted) as pydantic does: ValidationError when one is not of its field's type."""
-        given = {name: value for name, value in options.items() if value is not None}
-        source = {name: given.pop(name) for name in ENSEMBLE_OPTIONS if name in given}
-        if "checkpoint" in source:
-            given["ensemble"] = Checkpoint.model_validate(
-                {name: source[name] for name in ("checkpoint", "data") if name in source})
-        elif source:
-            default = cls.model_fields["ensemble"].default
-            given["ensemble"] = Training.model_validate({**default.model_dump(exclude_unset=True), **source})
-        return cls.model_validate(given)
-
-    def options(self) -> dict[str, Any]:
-        """The options this config was given, as ``from_options`` takes them: the checkpoint or
-        data first, then the experiment's own, then the other training options (each by name)."""
-        own = {name: getattr(self, name)
-               for name in sorted(self.model_fields_set - {"ensemble", "experiment"})}
-        if "ensemble" not in self.model_fields_set:
-            return own
-        source = {name: getattr(self.ensemble, name) for name in sorted(self.ensemble.model_fields_set)}
-        first: dict[str, Any] = {name: source.pop(name) for name in ("checkpoint", "data") if name in source}
-        return {**first, **own, **source}
-
-    def stages(self) -> tuple[str, ...]:
-        """The progress stages ``run`` reports, in order ("train" first when it trains)."""
-        return (() if isinstance(self.ensemble, Checkpoint) else ("train",)) + self.STAGES
-
-
 # ============================================================================ the ensemble
 @dataclass(frozen=True)
 class Setup:

@@ -14,31 +14,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor
 
 from experiments.common import (
-    Checkpoint,
-    ExperimentConfig,
     LogFn,
     Outcome,
     ProgressFn,
     Report,
     Target,
-    Training,
     exact_ablations,
     ignore_log,
     ignore_progress,
     prepare,
     synthetic_scores,
 )
+from experiments.configs import CopiesConfig
 from experiments.figures import image_table, stack
 from models.attribute import (
-    DECOYS,
     DEFAULT_SCORE,
     AttributionConfig,
     SampleAttribution,
@@ -63,28 +59,6 @@ ATTRIBUTABLE_COPIES = Target(">=", 0.9)
 SHUFFLED_ATTRIBUTABLE = Target("<=", 0.1)
 """Samples called attributable when the codes are shuffled after training (a control that must fail)."""
 SHUFFLE_SEED = 12345
-
-
-class CopiesConfig(ExperimentConfig):
-    """`attrib validate copies`: a small training set (300 items unless told), what counts as a
-    near-copy, and whether to ablate every source exactly for some samples."""
-
-    STAGES: ClassVar[tuple[str, ...]] = ("jacobian", "trust", "exact")
-
-    ensemble: Checkpoint | Training = Training(subset=300)
-    samples: PositiveInt = 64
-    experiment: Literal["copies"] = "copies"
-    copy_ratio: PositiveFloat = 0.5
-    top: PositiveInt = 5
-    grid: PositiveInt = 48
-    exact: Literal["none", "copies", "all"] = "none"
-    verify_top_k: NonNegativeInt = 50
-    decoys: NonNegativeInt = DECOYS
-    exact_decoys: NonNegativeInt = 0
-
-    def stages(self) -> tuple[str, ...]:
-        stages = super().stages()
-        return stages if self.exact != "none" else stages[:-1]
 
 
 @dataclass

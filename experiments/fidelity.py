@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ from torch import Tensor
 
 from experiments.common import (
     Comparison,
-    ExperimentConfig,
     ExperimentError,
     LogFn,
     Outcome,
@@ -34,6 +33,7 @@ from experiments.common import (
     prepare,
     synthetic_scores,
 )
+from experiments.configs import FidelityConfig
 from experiments.figures import image_table, scatter, stack
 from experiments.statistics import ranking_agreement, top_indices, verified_recall
 from models.ablation import delta_w, gram
@@ -55,19 +55,6 @@ VERIFIED_RECALL = Target(">=", 0.95)
 VERIFY_DEPTH = 50
 BEATS_PIXEL = Comparison("synthetic", ">", "pixel")
 """Synthetic ablation strictly better than the pixel-similarity baseline (on each median)."""
-
-
-class FidelityConfig(ExperimentConfig):
-    """`attrib validate fidelity`: which sources to ablate exactly for each sample, and k."""
-
-    STAGES: ClassVar[tuple[str, ...]] = ("jacobian", "exact")
-
-    experiment: Literal["fidelity"] = "fidelity"
-    granularity: Literal["item", "owner", "class"] = "item"
-    sources: PositiveInt | Literal["all"] = 300
-    top: PositiveInt = 50
-    recall_k: PositiveInt = 10
-    broken: bool = False
 
 
 @dataclass

@@ -43,29 +43,18 @@ from models.resemblance import (
     set_distance,
 )
 from models.sampler import NoiseTape, exact_counterfactuals
+from models.scores import (  # noqa: F401 - re-exported: what callers of the engine also read
+    ALPHA,
+    DECOYS,
+    DEFAULT_SCORE,
+    METRICS,
+    P_SCREEN,
+    SCORES,
+    SET_SOURCE_SCORE,
+    default_score,
+)
 from models.unet import WideUNet
 
-METRICS = ("l2", "lpips")
-SCORES = ("influence", "resemblance")
-DEFAULT_SCORE = "resemblance"
-"""What ranks item sources when a request does not say: resemblance, which the copies validation
-found specific to the work where influence is not (README "Trust")."""
-SET_SOURCE_SCORE = "influence"
-"""What ranks class and owner sources by default (a set's nearest image is a poor stand-in for
-"the source's content": the class control measured resemblance below influence there), and any
-source under metric lpips (resemblance is pixel L2)."""
-
-
-def default_score(granularity: str, metric: str = "l2") -> str:
-    """The default ranking score for sources of this granularity (item, class, owner) and metric:
-    resemblance is measured in pixel L2, so metric lpips ranks by influence."""
-    return DEFAULT_SCORE if granularity == "item" and metric == "l2" else SET_SOURCE_SCORE
-DECOYS = 10_000
-"""Decoy codes per attribution (fewer when fewer weight-k codes are free)."""
-ALPHA = 0.05
-"""Family-wise error level of "attributable" (Bonferroni over the sources ranked)."""
-P_SCREEN = 100
-"""Candidates of the synthetic ranking that get decoy p-values (at least top_k and verify_top_k)."""
 DECOY_SEED = 0
 
 TrainingImages = Tensor | np.ndarray

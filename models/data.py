@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from models.errors import DatasetError
+
 __all__ = [
     "DatasetError",
     "ImageDataset",
@@ -72,11 +74,6 @@ _PIL_ERRORS = (
 # Modes whose pixels carry colour; everything else (1, L, LA, La, I, I;16*, F, P with a
 # gray palette) is treated as grayscale.
 _COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
-
-
-class DatasetError(ValueError):
-    """Bad or unreadable data; the message names the offending file (and item/index where
-    relevant)."""
 
 
 # ----------------------------------------------------------------------------- dataset

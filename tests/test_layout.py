@@ -7,6 +7,9 @@ worker/ sit on top; nothing outside app/cli/ imports the CLI or parses argv; no 
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,3 +140,29 @@ def test_the_checks_can_fail() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _edges({"models.x": {"app.y"}, "app.y": set()}, "models", ("app",)) == ["models.x -> app.y"]
+
+
+def test_the_api_and_the_service_commands_start_without_torch() -> None:
+    """The API process, the `attrib` parser and the modules of `serve`, `worker`'s parent,
+    `migrate`, `key` and `owner` import no engine: torch loads only in what computes (workers,
+    `train`, `attribute`, `validate`, `import`, `register`, `retrain`)."""
+    light = ("app.main", "app.cli", "app.cli.serve", "app.cli.operations", "experiments", "models.presets",
+             "models.scores", "models.errors")
+    heavy = ("torch", "scipy", "models.ensemble", "models.data")
+    code = (f"import sys\nfor m in {light!r}: __import__(m)\n"
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            check=True)
+    assert loaded.stdout.strip() == "", f"loaded at start-up: {loaded.stdout.strip()}"
+    # and the parser still knows every command (whose modules load when they run)
+    from app.cli import build_parser
+    from app.cli.parsers import Command
+
+    commands = {a.dest: a for a in build_parser()._actions if a.dest == "command"}
+    names = set(commands["command"].choices)  # type: ignore[arg-type]
+    assert {"train", "generate", "attribute", "info", "validate", "migrate", "import", "owner", "key",
+            "register", "opt-out", "retrain", "serve", "worker", "demo-setup"} <= names
+    for command in ("train", "serve", "migrate", "demo-setup"):
+        func = build_parser().parse_args([command]).func
+        assert isinstance(func, Command)
+        assert callable(getattr(importlib.import_module(func.module), func.name))

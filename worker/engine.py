@@ -41,7 +41,8 @@ from app.registry import RegistryError, stored_dataset
 from app.settings import Settings
 from app.unlearning import OptOutError, RetrainOptions, retrain_lineage
 from experiments import CONFIGS, AnyConfig
-from experiments.common import ENSEMBLE_OPTIONS, ExperimentError
+from experiments.common import ExperimentError
+from experiments.configs import ENSEMBLE_OPTIONS
 from models.ablation import gram, jacobian, measurable
 from models.attribute import (
     AttributionConfig,

@@ -7,11 +7,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from models.ensemble import Ensemble, resolve_device
+    from models.ensemble import Ensemble
 
 DEFAULT_CKPT = "runs/digits.pt"
 
@@ -22,6 +23,8 @@ class CLIError(Exception):
 
 def device(name: str) -> torch.device:
     """``--device``: auto, cpu, cuda or cuda:N, refusing CUDA where there is none."""
+    from models.ensemble import resolve_device  # torch: only the commands that compute load it
+
     try:
         return resolve_device(name)
     except ValueError as exc:
@@ -39,6 +42,8 @@ def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
 
 
 def load_ensemble(path: str | Path, on: torch.device) -> Ensemble:
+    from models.ensemble import Ensemble
+
     try:
         return Ensemble.load(path).for_inference(on)
     except (FileNotFoundError, ValueError) as exc:

@@ -18,10 +18,7 @@ import numpy as np
 import torch
 
 from app.cli.common import (
-    DEFAULT_CKPT,
     CLIError,
-    add_device_flag,
-    add_json_flag,
     device,
     emit,
     load_ensemble,
@@ -30,12 +27,6 @@ from app.cli.common import (
     sampling_steps,
 )
 from models.attribute import (
-    ALPHA,
-    DECOYS,
-    DEFAULT_SCORE,
-    METRICS,
-    SCORES,
-    SET_SOURCE_SCORE,
     AttributionConfig,
     SampleAttribution,
     SourceScore,
@@ -43,11 +34,11 @@ from models.attribute import (
     copy_checks,
     default_score,
 )
-from models.codes import GRANULARITIES, CapacityError
+from models.codes import CapacityError
 from models.copies import CopyCheck
 from models.data import ImageDataset, load_data
 from models.distances import LPIPSMetric, LPIPSUnavailable, load_lpips
-from models.ensemble import PRESETS, Ensemble
+from models.ensemble import Ensemble
 from models.images import attribution_figure, grid
 from models.sampler import make_tape, sample
 from models.train import TrainSpec, create_ensemble, train
@@ -303,89 +294,3 @@ def cmd_info(args: argparse.Namespace) -> None:
             "trained_steps": (ens.train_state or {}).get("step"),
             "items_per_member": [int(v) for v in np.asarray(loads)]}
     emit(args.json, info, json.dumps(info, indent=2))
-
-
-# -------------------------------------------------------------------------- parser
-def add_parsers(sub: Any) -> None:
-    """Register train, generate, attribute and info on the `attrib` sub-parser set ``sub``."""
-
-    def common(sp: argparse.ArgumentParser) -> None:
-        add_device_flag(sp)
-        add_json_flag(sp)
-
-    def seeds(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT})")
-        sp.add_argument("--seeds", help="seeds, e.g. '0,3,9' or '0-15' (overrides --count)")
-        sp.add_argument("--count", type=int, default=16, help="number of samples (default 16)")
-        sp.add_argument("--seed-start", type=int, default=0, help="first seed with --count")
-        sp.add_argument("--steps", type=int, default=None,
-                        help="sampling steps (default: the ensemble's T; fewer are respaced)")
-
-    t = sub.add_parser("train", help="train an encoded ensemble",
-                       description="Train n DDPM members at once, each on the items whose "
-                                   "source code has its bit set. Saves a resumable checkpoint.")
-    t.add_argument("--data", default="digits",
-                   help="'digits' (sklearn, default), an .npz with images/labels, an MNIST IDX "
-                        "images file, or a folder of PNG/JPEG images (subfolders = labels)")
-    t.add_argument("--subset", type=int, default=None, help="train on a random subset of N items")
-    t.add_argument("--subset-seed", type=int, default=0, help="seed of that subset")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="digits",
-                   help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
-    t.add_argument("--n", type=int, default=16, help="ensemble size (default 16)")
-    t.add_argument("--k", type=int, default=None, help="code weight (default n/2)")
-    t.add_argument("--granularity", choices=GRANULARITIES, default="item",
-                   help="what one code stands for: an item, a class (label) or an owner")
-    t.add_argument("--owners", help="CSV of item_index,owner lines (for --granularity owner)")
-    t.add_argument("--steps", type=int, default=None, help="training steps (default: preset's)")
-    t.add_argument("--batch-size", type=int, default=None, help="items per member per step")
-    t.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    t.add_argument("--seed", type=int, default=0, help="seed for codes, init and minibatches")
-    t.add_argument("--checkpoint-every", type=int, default=200, help="save every N steps")
-    t.add_argument("--out", default=DEFAULT_CKPT, help=f"checkpoint path (default {DEFAULT_CKPT})")
-    t.add_argument("--resume", action="store_true", help="continue training --out to --steps")
-    common(t)
-    t.set_defaults(func=cmd_train)
-
-    g = sub.add_parser("generate", help="sample a PNG grid",
-                       description="Sample from the full ensemble (w = 1/n); each seed fixes "
-                                   "the whole noise tape, so output is reproducible.")
-    seeds(g)
-    g.add_argument("--out", default="runs/samples.png", help="PNG grid path")
-    g.add_argument("--scale", type=int, default=4, help="pixel upscaling in the grid")
-    common(g)
-    g.set_defaults(func=cmd_generate)
-
-    a = sub.add_parser("attribute", help="rank training sources for generated samples",
-                       description="Synthetic ablation: one forward-mode Jacobian per sample "
-                                   "scores every source (resemblance and influence); the top "
-                                   "--verify-top-k are re-ranked by exact counterfactuals; decoy "
-                                   "p-values say whether a sample is attributable; a copy check "
-                                   "says whether it is a near-copy of a training image.")
-    seeds(a)
-    a.add_argument("--data", default=None,
-                   help="training data (default: the spec stored in the checkpoint)")
-    a.add_argument("--top-k", type=int, default=10, help="sources reported per sample")
-    a.add_argument("--metric", choices=METRICS, default="l2", help="distance (default l2)")
-    a.add_argument("--rerank", type=int, default=50, help="candidates LPIPS re-ranks")
-    a.add_argument("--score", choices=SCORES, default=None,
-                   help=f"what ranks (default {DEFAULT_SCORE} for item sources, {SET_SOURCE_SCORE} for "
-                        "class and owner sources and with --metric lpips); both are reported")
-    a.add_argument("--verify-top-k", type=int, default=50,
-                   help="exact counterfactuals for the synthetic top K, re-ranked by them (default 50, "
-                        "the service's; 0: synthetic only)")
-    a.add_argument("--decoys", type=int, default=DECOYS,
-                   help=f"decoy codes the p-values count against (default {DECOYS})")
-    a.add_argument("--alpha", type=float, default=ALPHA,
-                   help=f"family-wise error level of 'attributable' (default {ALPHA})")
-    a.add_argument("--lpips-random-trunk", action="store_true",
-                   help="TESTING ONLY: LPIPS with a random trunk (no ImageNet weights)")
-    a.add_argument("--out-json", default=None, help="write the JSON report here")
-    a.add_argument("--out-png", default=None, help="write a Figure-2-style PNG here")
-    a.add_argument("--figure-top", type=int, default=3, help="training images per sample in PNG")
-    common(a)
-    a.set_defaults(func=cmd_attribute)
-
-    i = sub.add_parser("info", help="describe a checkpoint")
-    i.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT})")
-    add_json_flag(i)
-    i.set_defaults(func=cmd_info)

@@ -6,12 +6,14 @@ import argparse
 import sys
 
 from app.cli.common import CLIError
-from app.cli.engine import add_parsers as add_engine_parsers
-from app.cli.operations import add_parsers as add_operations_parsers
-from app.cli.serve import add_parsers as add_serve_parsers
-from app.cli.validate import add_parsers as add_validate_parsers
+from app.cli.parsers import (
+    add_engine_parsers,
+    add_operations_parsers,
+    add_serve_parsers,
+    add_validate_parsers,
+)
 from app.runtime import tune_malloc
-from models.data import DatasetError
+from models.errors import DatasetError
 
 
 def build_parser() -> argparse.ArgumentParser:

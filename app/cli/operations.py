@@ -18,21 +18,17 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from sqlalchemy import inspect, select
 
 from app import jobs
 from app.auth import create_key, revoke_key
 from app.cli.common import (
     CLIError,
-    add_device_flag,
-    add_json_flag,
     device,
     emit,
     log,
-    positive_int,
     read_owners_csv,
 )
 from app.db import Database
@@ -49,9 +45,13 @@ from app.unlearning import (
     retrain_in_progress,
     retrain_lineage,
 )
-from models.data import ImageDataset, load_data
 
-OwnersOf = Callable[[ImageDataset], list[str | None] | None]
+if TYPE_CHECKING:
+    import torch
+
+    from models.data import ImageDataset
+
+OwnersOf = Callable[["ImageDataset"], list[str | None] | None]
 """One owner name (or None) per item of the data being imported, or None for no owners."""
 
 
@@ -100,6 +100,8 @@ def owners_by_label(ds: ImageDataset, holders: int) -> list[str | None]:
 def import_data(settings: Settings, data: str, subset: int | None, subset_seed: int, name: str | None,
                 owners_of: OwnersOf) -> tuple[Dataset, list[tuple[str, str]]]:
     """Import; returns the dataset and (owner, key) for every rights holder created now."""
+    from models.data import load_data  # torch: `attrib migrate` and `key` start without it
+
     ds = load_data(data, subset, subset_seed)
     owners = owners_of(ds)
     db = schema_db(settings)
@@ -287,76 +289,3 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         f"ensemble lineage {r['lineage_id']}: version {r['ensemble_id']} serves every member again "
         f"(members {r['retrained_members']} retrained without works {r['withdrawn_works']})"
         for r in results) or "nothing to retrain")
-
-
-# ---------------------------------------------------------------------------- parser
-def add_parsers(sub: Any) -> None:
-    """Register migrate, import, owner, key and register on the `attrib` sub-parser set ``sub``."""
-    m = sub.add_parser("migrate", help="create or update the database schema (Alembic)",
-                       description="Apply migrations to DATABASE_URL (default: SQLite under ./data).")
-    m.add_argument("action", nargs="?", choices=("upgrade", "downgrade", "check"), default="upgrade")
-    m.add_argument("--revision", default=None, help="target (default head for upgrade, base for downgrade)")
-    add_json_flag(m)
-    m.set_defaults(func=cmd_migrate)
-
-    i = sub.add_parser("import", help="import a dataset as training works",
-                       description="Store every image as a training work (PNG stored once), with "
-                                   "optional rights holders; prints each new holder's key once.")
-    i.add_argument("--data", default="digits", help="digits, an .npz, an IDX file or an image folder")
-    i.add_argument("--subset", type=int, default=None, help="a random subset of N items")
-    i.add_argument("--subset-seed", type=int, default=0)
-    i.add_argument("--name", default=None, help="dataset name (default: the data's name)")
-    g = i.add_mutually_exclusive_group()
-    g.add_argument("--owners", help="CSV of item_index,owner lines")
-    g.add_argument("--owners-by-label", type=int, metavar="M", help="M rights holders, each owning "
-                   "consecutive classes (demo)")
-    add_json_flag(i)
-    i.set_defaults(func=cmd_import)
-
-    o = sub.add_parser("owner", help="rights holders")
-    osub = o.add_subparsers(dest="owner_command", required=True)
-    oa = osub.add_parser("add", help="add a rights holder and print their key (once)")
-    oa.add_argument("name")
-    add_json_flag(oa)
-    oa.set_defaults(func=cmd_owner_add)
-
-    k = sub.add_parser("key", help="API keys (stored hashed; shown once at creation)")
-    ksub = k.add_subparsers(dest="key_command", required=True)
-    kc = ksub.add_parser("create", help="create an operator key, or a key for --owner")
-    kc.add_argument("--owner", default=None, help="rights holder name (default: an operator key)")
-    kc.add_argument("--name", default=None, help="a label for the key")
-    add_json_flag(kc)
-    kc.set_defaults(func=cmd_key_create)
-    kr = ksub.add_parser("revoke", help="revoke a key by its prefix")
-    kr.add_argument("prefix", help="the 12 hex characters after 'attrib_'")
-    add_json_flag(kr)
-    kr.set_defaults(func=cmd_key_revoke)
-    kl = ksub.add_parser("list", help="list keys (prefixes only)")
-    add_json_flag(kl)
-    kl.set_defaults(func=cmd_key_list)
-
-    r = sub.add_parser("register", help="register a trained ensemble with the service",
-                       description="The ensemble's training data must be imported first (same content).")
-    r.add_argument("--ckpt", required=True)
-    r.add_argument("--name", default=None, help="ensemble name (default: the file's stem)")
-    add_json_flag(r)
-    r.set_defaults(func=cmd_register)
-
-    oo = sub.add_parser("opt-out", help="withdraw a training work (exact unlearning)",
-                        description="At once, every ensemble that trained on the work serves from the "
-                                    "members that never saw it; a retrain job (run by a service's worker, or "
-                                    "by 'attrib retrain') then retrains those members without it.")
-    oo.add_argument("work", type=positive_int, help="the work's id (training item id, as GET /works shows)")
-    oo.add_argument("--reason", default="", help="why it is withdrawn (kept with the opt-out)")
-    add_json_flag(oo)
-    oo.set_defaults(func=cmd_opt_out)
-
-    rt = sub.add_parser("retrain", help="retrain the members opt-outs dropped, in this process",
-                        description="For every ensemble serving without the members of withdrawn works (or "
-                                    "--lineage), retrain those members from scratch without them and serve "
-                                    "the result as a new version: what the service's retrain job does.")
-    rt.add_argument("--lineage", type=positive_int, default=None,
-                    help="only this ensemble lineage (its first version's id)")
-    add_device_flag(rt)
-    add_json_flag(rt)
-    rt.set_defaults(func=cmd_retrain)

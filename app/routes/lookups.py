@@ -30,7 +30,7 @@ from app.schemas import AttributeOptions
 from app.settings import Settings
 from app.unlearning import head_of, retrain_in_progress
 from app.writer import Tx
-from models.attribute import default_score
+from models.scores import default_score
 
 CHUNK = 500
 """Rows per statement when reading or writing many (keeps IN lists and VALUES bounded)."""

@@ -17,6 +17,7 @@ import torch
 from sqlalchemy import select
 
 import app.unlearning
+import models.unlearn
 from app.cli.main import main
 from app.orm import EnsembleRow, Generation, Job, TrainingItem
 from app.settings import get_settings
@@ -199,7 +200,7 @@ class Killed(BaseException):
 def retrain_hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Callable[[int], None]]]:
     """Hooks called with every step of the retrains the worker runs (first, before the job's own)."""
     hooks: list[Callable[[int], None]] = []
-    real = app.unlearning.retrain
+    real = models.unlearn.retrain  # app.unlearning imports it when a retrain runs
 
     def hooked(*args: Any, progress: ProgressFn | None = None, **kw: Any) -> Ensemble:
         def on_step(step: int, losses: torch.Tensor) -> None:
@@ -210,7 +211,7 @@ def retrain_hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Callable[[int
 
         return real(*args, progress=on_step, **kw)
 
-    monkeypatch.setattr(app.unlearning, "retrain", hooked)
+    monkeypatch.setattr(models.unlearn, "retrain", hooked)
     yield hooks
 
 
