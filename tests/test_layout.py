@@ -158,11 +158,11 @@ def test_the_api_and_the_service_commands_start_without_torch() -> None:
     from app.cli import build_parser
     from app.cli.parsers import Command
 
-    commands = {a.dest: a for a in build_parser()._actions if a.dest == "command"}
-    names = set(commands["command"].choices)  # type: ignore[arg-type]
+    parser = build_parser()
+    [commands] = [action for action in parser._actions if action.dest == "command"]
     assert {"train", "generate", "attribute", "info", "validate", "migrate", "import", "owner", "key",
-            "register", "opt-out", "retrain", "serve", "worker", "demo-setup"} <= names
+            "register", "opt-out", "retrain", "serve", "worker", "demo-setup"} <= set(commands.choices or ())
     for command in ("train", "serve", "migrate", "demo-setup"):
-        func = build_parser().parse_args([command]).func
+        func = parser.parse_args([command]).func
         assert isinstance(func, Command)
         assert callable(getattr(importlib.import_module(func.module), func.name))

@@ -72,7 +72,8 @@ def served(template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     proc, url = serve(env, home, workers=0)  # jobs stay queued: what is tested is the HTTP surface
     pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
     try:
-        runs = {who: pool.submit(run_schemathesis, url, headers, PHASES if who in FUZZED else PHASES[:2])
+        runs = {who: pool.submit(run_schemathesis, url, headers,
+                                 PHASES if who in FUZZED else ("examples", "coverage"))
                 for who, headers in credentials(operator_key, alice_key).items()}
         yield Served(url, runs)
     finally:
