@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.cli import main
+from models.data import load_data
 from models.ensemble import Ensemble
+from models.sampler import make_tape, sample
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +23,24 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
                "--checkpoint-every", "5", "--out", str(out), "--json", "--device", "cpu"])
     assert rc == 0
     return out
+
+
+def _samples(ckpt: Path, seeds: list[int]) -> torch.Tensor:
+    """The engine's samples for ``seeds``: the full ensemble, the checkpoint's T steps."""
+    ens = Ensemble.load(ckpt).for_inference()
+    return sample(ens.net, ens.schedule, make_tape(seeds, ens.shape, ens.schedule.T))
+
+
+def _pixels(x: torch.Tensor, scale: int) -> np.ndarray:
+    """One (1, H, W) image in [-1, 1] as the (H * scale, W * scale, 3) uint8 RGB block a figure shows."""
+    a = ((x[0].clamp(-1, 1).numpy().astype(np.float64) + 1.0) * 127.5).round().astype(np.uint8)
+    a = a.repeat(scale, axis=0).repeat(scale, axis=1)
+    return np.repeat(a[..., None], 3, axis=2)
+
+
+def _png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def test_train_writes_a_loadable_checkpoint(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -38,7 +60,12 @@ def test_generate_is_reproducible(ckpt: Path, tmp_path: Path) -> None:
                      "--device", "cpu"]) == 0
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
-    assert Image.open(a).size[0] > 0
+    # the grid: one row of two 8x8 samples at --scale 4, 2-pixel white padding; nothing else
+    x = _samples(ckpt, [3, 4])
+    expected = np.full((2 + 8 * 4 + 2, 2 + 2 * (8 * 4 + 2), 3), 255, np.uint8)
+    for i in range(2):
+        expected[2:34, 2 + 34 * i: 34 + 34 * i] = _pixels(x[i], 4)
+    np.testing.assert_array_equal(_png(a), expected)
 
 
 def test_attribute_report_and_figure(ckpt: Path, tmp_path: Path,
@@ -60,7 +87,19 @@ def test_attribute_report_and_figure(ckpt: Path, tmp_path: Path,
         assert all("exact_score" not in r for r in ranks[2:])
         assert all(r["source"].startswith("item:") and len(r["refs"]) == 1 for r in ranks)
         assert set(s["verification"]) >= {"spearman", "top1_agrees", "median_rel_err"}
-    assert Image.open(rp).size[0] > 0
+    # Figure 2's layout (scale 6, 8x8 images, --figure-top 3): a 12-pixel title row, then one
+    # column of cells 70 wide and 66 high per sample: the sample, its top 3 sources' first items
+    fig = _png(rp)
+    assert fig.shape == (12 + 4 * 66 + 6 + 4, 2 * 70 + 6, 3)
+    x = _samples(ckpt, [s["seed"] for s in report["samples"]])
+    ens = Ensemble.load(ckpt)
+    train_x = load_data(ens.dataset.spec, ens.dataset.subset, ens.dataset.subset_seed).to_tensor()
+    for b, s in enumerate(report["samples"]):
+        x0 = 6 + 70 * b
+        np.testing.assert_array_equal(fig[14:62, x0:x0 + 48], _pixels(x[b], 6))
+        for j, entry in enumerate(s["ranking"][:3]):
+            y0 = 16 + 66 * (j + 1)
+            np.testing.assert_array_equal(fig[y0:y0 + 48, x0:x0 + 48], _pixels(train_x[entry["items"][0]], 6))
 
 
 def test_lpips_without_weights_is_a_clear_error(ckpt: Path, tmp_path: Path,

@@ -47,9 +47,17 @@ def test_classes_report_and_figures(classes_out: Path) -> None:
     assert r["stats"]["l2"]["frac_largest"] == pytest.approx(
         np.mean([d[b, pred[b]] > np.delete(d[b], pred[b]).max() for b in range(6)]))
     t = r["targets"]
-    assert t["samples"]["met"] is False  # 6 < 1000: the run cannot pass
+    assert t["samples"] == {"value": 6, "target": ">= 1000", "met": False}  # the run cannot pass
     assert r["passed"] is False
-    assert t["p_l2"]["met"] == (mw["log10_p"] < -30)
+    # 6 barely trained samples: no separation (p ~ 0.7, the predicted class never the largest), so
+    # every threshold is missed; the default score is the one measured (l2), so it ties influence
+    assert t["p_l2"]["value"] == pytest.approx(mw["p_value"]) and t["p_l2"]["log10"] > -1
+    assert t["frac_largest_l2"]["value"] == 0.0 and t["frac_largest_confident_l2"]["value"] is None
+    assert t["default_at_least_influence"]["value"] == [0.0, 0.0]
+    assert {name: o["met"] for name, o in t.items()} == {
+        "p_l2": False, "p_lpips": False, "frac_largest_l2": False, "frac_largest_confident_l2": False,
+        "frac_largest_lpips": False, "frac_largest_confident_lpips": False, "samples": False,
+        "default_at_least_influence": True, "p_default": False}
     for png in r["figures"]:
         assert Image.open(classes_out / png).size[0] > 100
     assert (classes_out / "ensemble.pt").is_file()
@@ -84,7 +92,10 @@ def test_fidelity_and_broken_control(tmp_path: Path) -> None:
                                  "verified_recall_influence", "verified_recall_resemblance"}
     r_rho = [p["resemblance"]["spearman"] for p in r["per_sample"]]
     assert r["summary"]["resemblance"]["median_spearman"] == pytest.approx(np.median(r_rho))
-    assert r["passed"] == all(t["met"] for t in r["targets"].values())
+    # 20 training steps on 60 sources: the synthetic ranking follows the exact one (median
+    # Spearman ~0.98, recall 0.9 against pixel's 0.15), so every target is met and the run passes
+    assert {name: t["met"] for name, t in r["targets"].items()} == dict.fromkeys(r["targets"], True)
+    assert r["targets"]["median_spearman"]["value"] > 0.95 and r["passed"] is True
     for png in r["figures"]:
         assert Image.open(good / png).size[0] > 100
     # the same ensemble with random synthetic scores must fail
@@ -92,6 +103,7 @@ def test_fidelity_and_broken_control(tmp_path: Path) -> None:
                  "--samples", "2", "--steps", "6", "--broken", "--device", "cpu"]) == 0
     rb = _report(bad)
     assert rb["broken_scores"] is True and rb["passed"] is False
+    assert {name: t["met"] for name, t in rb["targets"].items()} == dict.fromkeys(rb["targets"], False)
     assert rb["summary"]["synthetic"]["median_spearman"] < r["summary"]["synthetic"]["median_spearman"]
     assert rb["summary"]["resemblance"]["median_spearman"] < r["summary"]["resemblance"]["median_spearman"]
     # --sources N: random N plus the three top lists (influence, pixel, resemblance)
@@ -113,7 +125,14 @@ def test_copies_report(tmp_path: Path) -> None:
     assert r["ensemble"]["items"] == 40 and r["n_copies"] == 3  # every sample counts at this ratio
     hits = [p["top1_is_nearest"] for p in r["per_sample"]]
     assert r["top1_rate_copies"] == pytest.approx(np.mean(hits))
-    assert r["passed"] == (np.mean(hits) >= 0.9)
+    # 6 training steps: no sample's top source is the image it is nearest, so the run fails
+    assert hits == [False, False, False] and r["top1_rate_copies"] == 0.0
+    assert r["targets"] == {
+        "top1_rate_copies": {"value": 0.0, "target": ">= 0.9", "met": False},
+        "top3_rate_copies": {"value": pytest.approx(1 / 3), "target": ">= 0.97", "met": False},
+        "attributable_copies": {"value": 0.0, "target": ">= 0.9", "met": False},
+        "shuffled_attributable": {"value": 0.0, "target": "<= 0.1", "met": True}}
+    assert r["passed"] is False
     assert Image.open(tmp_path / "copies.png").size[0] > 50
     assert "exact" not in r and all("exact" not in p for p in r["per_sample"])
 
@@ -138,8 +157,9 @@ def test_copies_exact_check(tmp_path: Path) -> None:
     assert r["exact"]["copies"]["exact_top1_rate"] == pytest.approx(rate)
     assert all(1 <= s["exact"]["nn_exact_rank"] <= 40 for s in checked)
     assert all(s["exact"]["exact_top1"].startswith("item:") for s in checked)
-    hit = [s["exact"]["exact_top1"] == f"item:{s['nn_item']}" for s in checked]
-    assert [s["exact"]["exact_top1_is_nearest"] for s in checked] == hit
+    # the exact top source is not the nearest image for either near-copy (6 training steps)
+    assert all(s["exact"]["exact_top1"] != f"item:{s['nn_item']}" for s in checked)
+    assert [s["exact"]["exact_top1_is_nearest"] for s in checked] == [False, False] and rate == 0.0
     # the same samples as without --exact: the synthetic part is unchanged
     assert [s["top_sources"] for s in r["per_sample"]] == [s["top_sources"] for s in p["per_sample"]]
     assert Image.open(out / "copies.png").size[0] > Image.open(tmp_path / "plain" / "copies.png").size[0]

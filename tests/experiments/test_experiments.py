@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from sklearn.model_selection import train_test_split
 
 from experiments import classes, classifiers, copies, fidelity, statistics
 from models.ablation import ablation_weights, delta_w, gram, influence, jacobian
@@ -115,8 +116,15 @@ def class_ensemble() -> tuple[Ensemble, torch.Tensor]:
 
 def test_class_ablation_end_to_end(class_ensemble: tuple[Ensemble, torch.Tensor]) -> None:
     ens, x = class_ensemble
-    clf = classifiers.train_classifier(x, ens.codebook.item_source, kind="logreg")
-    assert 0.0 <= clf.accuracy <= 1.0 and clf.n_train + clf.n_test == 120
+    y = ens.codebook.item_source
+    clf = classifiers.train_classifier(x, y, kind="logreg")
+    assert clf.n_train == 96 and clf.n_test == 24  # a stratified fifth of the 120 held out
+    # the held-out split recomputed (stratified, seed 0): accuracy is measured there, not on the
+    # training split (where logistic regression is perfect), and is far above chance (1/10)
+    x_tr, x_te, y_tr, y_te = train_test_split(x.flatten(1).numpy(), y, test_size=0.2, stratify=y,
+                                              random_state=0)
+    assert clf.accuracy == pytest.approx(np.mean(clf.model.predict(x_te) == y_te)) == pytest.approx(22 / 24)
+    assert np.mean(clf.model.predict(x_tr) == y_tr) == 1.0
     seeds = list(range(5))
     calls: list[tuple[str, int, int]] = []
     res = classes.class_ablation(ens, make_tape(seeds, ens.shape, STEPS), clf, keep=2, chunk=16,
@@ -358,10 +366,13 @@ def test_run_returns_the_report_it_writes(tmp_path: Path) -> None:
     report = run(config, tmp_path, lambda stage, done, total: stages.append(stage))
     assert set(stages) == set(config.stages()) == {"train", "jacobian", "trust"}
     outcome = report.targets["top1_rate_copies"]
-    assert outcome.target is copies.TOP1_RATE_COPIES and outcome.met == (outcome.value >= 0.9)
-    assert set(report.targets) == {"top1_rate_copies", "top3_rate_copies", "attributable_copies",
-                                   "shuffled_attributable"}
-    assert report.passed is all(o.met for o in report.targets.values())
+    assert outcome.target is copies.TOP1_RATE_COPIES
+    # 4 training steps: neither sample's copy is found (first, in the top 3, or attributable), which
+    # the shuffled-codes control also does not find: only that target is met, and the run fails
+    assert {name: (o.value, o.met) for name, o in report.targets.items()} == {
+        "top1_rate_copies": (0.0, False), "top3_rate_copies": (0.0, False),
+        "attributable_copies": (0.0, False), "shuffled_attributable": (0.0, True)}
+    assert report.passed is False
     trust = report.numbers["trust"]
     assert trust["score"] == "resemblance" and trust["verify_top_k"] == 30  # all 30 sources, verified
     assert set(trust) >= {"service_default", "synthetic_only", "shuffled_codes"}
