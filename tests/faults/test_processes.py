@@ -28,7 +28,7 @@ from app import jobs, migrate
 from app.auth import create_key
 from app.db import Database
 from app.orm import utcnow
-from app.queue import make_celery
+from app.queue import broker_depth, make_celery
 from app.registry import import_dataset, register_ensemble
 from app.settings import Settings
 from models.data import ImageDataset, load_digits
@@ -38,7 +38,7 @@ from models.sampler import make_tape, sample
 from tests.procs import BIN, serve, stop, wait_job, wait_until, worker
 from tests.service.services import fresh_postgres, redis_url
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # it stops PostgreSQL and restarts Redis
 
 FAST_RECOVERY = dict(ATTRIB_HEARTBEAT_S="0.5", ATTRIB_STALE_AFTER_S="3", ATTRIB_REAPER_INTERVAL_S="1",
                      ATTRIB_REQUEUE_AFTER_S="4", ATTRIB_JOB_MAX_ATTEMPTS="3",
@@ -137,7 +137,11 @@ def test_worker_killed_mid_generation_and_mid_attribution(stack: Stack, cli_ckpt
                   headers=st.op)
     att_job = r.json()["job_id"]
     wait_until(lambda: _running_pid(st, att_job) is not None, 60)
-    os.kill(_running_pid(st, att_job) or 0, signal.SIGKILL)
+    # Looked up once: a second lookup after the wait can find the job just finished (None), and
+    # os.kill(0, ...) would signal this test's own process group.
+    att_pid = _running_pid(st, att_job)
+    assert att_pid is not None and att_pid > 0, st.job(att_job)
+    os.kill(att_pid, signal.SIGKILL)
     job = wait_job(st.c, att_job, st.op, 120)
     assert job["status"] == "succeeded" and job["attempts"] >= 2, job
     att = st.c.get(f"/attributions/{r.json()['attribution_id']}", headers=st.op).json()
@@ -209,19 +213,41 @@ def test_a_job_that_kills_its_worker_every_time_fails_for_good(stack: Stack) -> 
 
 
 def test_redis_restarted_under_a_batch(stack: Stack) -> None:
+    """Redis restarted empty while it still holds messages of the batch: the messages it lost
+    are re-sent (their jobs' enqueued_at is after the restart) and every job runs once."""
     st = stack
+    # An API process that splits batches one seed per job: many messages to be waiting.
+    api_dir = st.tmp / "one-seed-jobs"
+    api_dir.mkdir()
+    api, st.c.base_url = serve({**st.env, "ATTRIB_GENERATE_CHUNK": "1"}, api_dir, workers=0)
+    st.procs.append(api)
     st.add_worker()
-    r = st.c.post("/batches", json={"count": 50, "steps": 10}, headers=st.op)
-    assert r.status_code == 202
-    bid = r.json()["batch_id"]
-    time.sleep(1.0)
+    r = st.c.post("/batches", json={"count": 30, "steps": 10}, headers=st.op)
+    assert r.status_code == 202, r.text
+    bid, job_ids = r.json()["batch_id"], r.json()["job_ids"]
+    assert len(job_ids) == 30
+    [(queue,)] = st.sql(f"SELECT DISTINCT queue FROM job WHERE batch_id = {bid}")
+    celery = make_celery(Settings(database_url=st.env["DATABASE_URL"], broker_url=st.env["BROKER_URL"]))
+
+    def working_with_messages_waiting() -> bool:
+        done = st.sql(f"SELECT count(*) FROM job WHERE batch_id = {bid} AND status = 'succeeded'")[0][0]
+        return bool(done >= 1 and broker_depth(celery, queue) >= 5)
+
+    wait_until(working_with_messages_waiting, 60, lambda: st.c.get(f"/batches/{bid}", headers=st.op).json())
+    [(restarted_at,)] = st.sql("SELECT now()")
     _restart_redis()
+    assert broker_depth(celery, queue) == 0  # restarted empty: the waiting messages are gone
     wait_until(lambda: st.c.get(f"/batches/{bid}", headers=st.op).json()["done"], 150,
                lambda: st.c.get(f"/batches/{bid}", headers=st.op).json())
     b = st.c.get(f"/batches/{bid}", headers=st.op).json()
-    assert b["jobs"] == {"succeeded": len(r.json()["job_ids"])}
+    assert b["jobs"] == {"succeeded": 30}, b
+    resent = st.sql(f"SELECT count(*) FROM job WHERE batch_id = {bid} AND enqueued_at > "
+                    f"'{restarted_at.isoformat()}'")[0][0]
+    assert resent >= 4, resent  # at least the messages Redis held at the restart, less one taken
+    attempts = st.sql(f"SELECT attempts, count(*) FROM job WHERE batch_id = {bid} GROUP BY attempts")
+    assert attempts == [(1, 30)], attempts  # each job ran once
     rows = st.sql("SELECT count(*), count(DISTINCT seed), min(status) FROM generation")
-    assert tuple(rows[0]) == (50, 50, "done")
+    assert tuple(rows[0]) == (30, 30, "done")
 
 
 def _restart_redis() -> None:
