@@ -36,11 +36,16 @@ demo: $(STAMP)
 	@echo "Figure: $(RUNS)/attribution.png  Report: $(RUNS)/attribution.json  Samples: $(RUNS)/samples.png"
 
 ## test: create/update the venv, lint (ruff, mypy), and run the whole suite (extra pytest flags:
-## PYTEST_ARGS, e.g. make test PYTEST_ARGS="-k api -x").
+## PYTEST_ARGS, e.g. make test PYTEST_ARGS="-k api -x"): the tests not marked `serial` in
+## TEST_PROCESSES processes (pytest-xdist, each test file in one process), then the `serial` ones
+## alone (they stop or restart the shared PostgreSQL and Redis). pytest's exit code 5 (nothing
+## selected, e.g. by -k) is not a failure of either part.
+TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy .
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(VENV)/bin/pytest -q -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

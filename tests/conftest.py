@@ -16,6 +16,10 @@ import os
 # Passive waiting keeps the default thread count and removes that cliff. It only takes
 # effect if set before torch (libgomp) is loaded; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (make test runs two processes on this 2-core machine), one thread per
+# process: two torch processes of two threads each slow each other many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import copy
 from collections.abc import Iterator
