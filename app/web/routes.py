@@ -203,8 +203,8 @@ async def home(request: Request) -> Response:
     try:
         user = await web_user(request)
     except SignInRequired:
-        return RedirectResponse("/web/sign-in", 303)
-    return RedirectResponse("/web/attributions" if user.is_operator else "/web/works", 303)
+        return secured(RedirectResponse("/web/sign-in", 303))
+    return secured(RedirectResponse("/web/attributions" if user.is_operator else "/web/works", 303))
 
 
 def _cookie(resp: Response, request: Request, name: str, value: str, max_age: int) -> None:

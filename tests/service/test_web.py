@@ -5,6 +5,7 @@ anything not the holder's, expiry and revocation, operator pages, security heade
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -168,20 +169,54 @@ def test_sessions_and_holder_pages_are_reused_for_their_cache_times(
     assert c.get("/web/works", follow_redirects=False).status_code == 303  # at once, within the TTL
 
 
-def test_readers_of_an_expired_page_wait_for_one_rendering(svc: Service,
+class _Renderings(dict[Any, Any]):
+    """app.state.web_pages_rendering (a page's key -> its rendering in progress) that counts the
+    readers arriving to wait for a rendering: cached_page looks a rendering up by key (``[]``)
+    only to wait for it. ``all_waiting`` is set once ``readers`` of them wait."""
+
+    def __init__(self, readers: int) -> None:
+        super().__init__()
+        self.readers, self.waiting = readers, 0
+        self.all_waiting = asyncio.Event()
+
+    def __getitem__(self, key: Any) -> Any:
+        self.waiting += 1
+        if self.waiting == self.readers:
+            self.all_waiting.set()
+        return super().__getitem__(key)
+
+
+def test_readers_of_an_expired_page_wait_for_one_rendering(make_service: Callable[..., Service],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ten requests for the same page at once: it is rendered once, and all get its bytes."""
+    """Ten requests for the same expired page at once: it is rendered once, and all get its bytes.
+    The rendering holds on until the nine others wait for it (without single-flight they would
+    each render it: none of them ever waits, and the rendering goes on after the guard's timeout
+    only so that the failure is an assertion rather than a hang)."""
+    now = 1000.0
+    svc = make_service(influence_cache_s=2.0, clock=lambda: now)
     sign_in(svc.client, svc.owner_keys["alice"])
     cookie = svc.client.cookies.get("attrib_session")
     assert cookie is not None
+    first = svc.client.get("/web/works?page=1")
+    assert first.status_code == 200
+    now += 2.5  # the cached page expired
+    renderings = _Renderings(readers=9)
+    monkeypatch.setattr(svc.client.app.state, "web_pages_rendering", renderings)  # type: ignore[attr-defined]
     renders: list[str] = []
-    real_render = web_routes.render
+    real_render, real_read = web_routes.render, web_routes._read
 
     def counted(request: Any, template: str, *args: Any, **kwargs: Any) -> Any:
         renders.append(template)
         return real_render(request, template, *args, **kwargs)
 
+    async def read_once_all_wait(request: Any, fn: Any, *args: Any) -> Any:
+        """The gallery's read, once the other readers wait (or the guard gives up)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(renderings.all_waiting.wait(), timeout=30)
+        return await real_read(request, fn, *args)
+
     monkeypatch.setattr(web_routes, "render", counted)
+    monkeypatch.setattr(web_routes, "_read", read_once_all_wait)
 
     async def many() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=svc.client.app)
@@ -191,5 +226,7 @@ def test_readers_of_an_expired_page_wait_for_one_rendering(svc: Service,
 
     answers = asyncio.run(many())
     assert [r.status_code for r in answers] == [200] * 10
-    assert len({r.text for r in answers}) == 1
     assert renders == ["gallery.html"]
+    assert renderings.waiting == 9, "the other readers did not wait for the rendering in progress"
+    assert {r.text for r in answers} == {first.text}
+    assert renderings == {}  # the rendering is forgotten once done: the next expiry renders again
