@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -333,7 +334,11 @@ def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, jo
                                    counterfactual_sha=cf_sha))
         att = s.get(Attribution, attribution_id)
         assert att is not None
-        att.status, att.finished_at, att.agreement = "succeeded", utcnow(), res.agreement
+        # JSON has no NaN (PostgreSQL's json refuses it: the whole attribution failed there): an
+        # undefined value (a correlation of fewer than 3 entries) is stored as null
+        agreement = None if res.agreement is None else {
+            k: v if math.isfinite(v) else None for k, v in res.agreement.items()}
+        att.status, att.finished_at, att.agreement = "succeeded", utcnow(), agreement
         att.attributable = None if sig is None else sig.attributable
         att.significance = None if sig is None else sig.to_json()
         nearest = [int(le.item_of_source[le.ens.codebook.item_source[int(i)]]) for i in check.items]

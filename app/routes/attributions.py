@@ -101,7 +101,9 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
                              if att.significance else None,
                              near_copy=NearCopyPublic.model_validate(att.near_copy)
                              if att.near_copy else None,
-                             agreement=att.agreement, created_at=att.created_at, finished_at=att.finished_at,
+                             agreement=None if att.agreement is None else {  # null stored: undefined
+                                 k: float("nan") if v is None else v for k, v in att.agreement.items()},
+                             created_at=att.created_at, finished_at=att.finished_at,
                              entries=entries)
 
 

@@ -13,21 +13,32 @@ from tests.service.conftest import Service
 
 
 def attribute_seeds(svc: Service, seeds: list[int], steps: int = 6, name_top: int = 0,
-                    **options: object) -> list[int]:
+                    sampled: bool = False, **options: object) -> list[int]:
     """Sample ``seeds`` and attribute each (``options`` as for POST /attribute); the jobs are
     run. Returns the attribution ids, in seed order.
+
+    The jobs run are exactly this call's: one generate job sampling the seeds (none when
+    ``sampled``: an earlier call sampled them already, so the generate job is done at once), then
+    one attribute job per seed, each succeeded.
 
     name_top: make each attribution one that names its top ``name_top`` works (attributable, those
     significant), as a significant attribution would: the tiny test ensemble copies nothing, so
     its own attributions are not attributable and share nothing."""
     r = svc.client.post("/generate", json={"seeds": seeds, "steps": steps}, headers=svc.op())
     assert r.status_code == 202, r.text
-    out = []
+    generate_job = r.json()["job_id"]
+    out, attribute_jobs = [], []
     for gid in r.json()["generation_ids"]:
         a = svc.client.post("/attribute", json={"generation_id": gid, **options}, headers=svc.op())
         assert a.status_code == 202, a.text
         out.append(a.json()["attribution_id"])
-    assert set(svc.run_jobs()) <= {"succeeded"}
+        attribute_jobs.append(a.json()["job_id"])
+    assert len(set(out)) == len(set(attribute_jobs)) == len(seeds)
+    states = svc.run_jobs()
+    ran = [svc.client.get(f"/jobs/{j}", headers=svc.op()).json() for j in [generate_job, *attribute_jobs]]
+    assert states == ["succeeded"] * ((0 if sampled else 1) + len(seeds)), (states, ran)
+    assert [(j["kind"], j["status"]) for j in ran] == [("generate", "succeeded")] + [
+        ("attribute", "succeeded")] * len(seeds), ran
     if name_top:
         with svc.db.session() as s:
             s.execute(update(AttributionEntry).where(AttributionEntry.attribution_id.in_(out))

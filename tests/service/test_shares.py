@@ -1,18 +1,41 @@
 """Shares (app/shares.py): per attribution they sum to 1 over owners, or say unattributed; a
 holder's page and daily totals agree with them and count each generation once; the owner-level
 counterfactual is refused when too few members would remain, and with one work it is exactly
-that work's counterfactual."""
+that work's counterfactual. On SQLite and on PostgreSQL (whose sessions here run in UTC+14:
+the days are UTC days all the same)."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, tzinfo
 
+import pytest
 from sqlalchemy import select, update
 
+import app.shares
 from app.orm import Attribution, AttributionEntry, Owner, TrainingItem
 from tests.service.attributed import attribute_seeds
-from tests.service.conftest import Service
+from tests.service.conftest import Backend, Service
+
+NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
+"""The service's wall clock in these tests: "today" is 2026-03-14 (UTC), whenever they run."""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def svc(request: pytest.FixtureRequest, make_service: Callable[..., Service],
+        monkeypatch: pytest.MonkeyPatch) -> Service:
+    """The service on each database, its clock pinned at NOW (a run across midnight sees one day)."""
+
+    class Pinned(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> Pinned:  # type: ignore[override]
+            return cls.fromtimestamp(NOW.timestamp(), tz)
+
+    monkeypatch.setattr(app.shares, "datetime", Pinned)
+    backend: Backend = request.param
+    return make_service(database=backend)
 
 
 def expected_shares(ranking: dict) -> dict[int | None, float]:
@@ -64,7 +87,13 @@ def test_shares_sum_to_one_on_every_attribution(svc: Service) -> None:
 def test_holder_pages_and_days_count_each_generation_once(svc: Service) -> None:
     first = attribute_seeds(svc, [21, 22, 23], top_k=10, name_top=3)
     # The same generations attributed again (another top_k): only these newer ones count.
-    newer = attribute_seeds(svc, [21, 22, 23], top_k=15, name_top=3)
+    newer = attribute_seeds(svc, [21, 22, 23], top_k=15, name_top=3, sampled=True)
+    # Finished on two UTC days, near their ends: 2026-03-13 23:30 (already the 14th in UTC+14)
+    # and 2026-03-14 10:30 (the 15th there).
+    finished = [datetime(2026, 3, 13, 23, 30, tzinfo=UTC)] + [datetime(2026, 3, 14, 10, 30, tzinfo=UTC)] * 2
+    with svc.db.session() as s:
+        for aid, at in zip(newer, finished, strict=True):
+            s.execute(update(Attribution).where(Attribution.id == aid).values(finished_at=at))
     per_attribution = {aid: {o["owner_name"]: o["share"] for o in svc.client.get(
         f"/attributions/{aid}/shares", headers=svc.op()).json()["shares"]} for aid in newer}
     for name in ("alice", "bob"):
@@ -77,11 +106,16 @@ def test_holder_pages_and_days_count_each_generation_once(svc: Service) -> None:
         assert all(math.isclose(got[a], mine[a], rel_tol=1e-12) for a in mine)
         assert [i["attribution_id"] for i in page["items"]] == sorted(got, reverse=True)[:2]
         days = svc.client.get("/me/shares/days?days=3", headers=svc.owner(name)).json()["days"]
-        assert len(days) == 3 and days[0]["total"] == 0.0
-        today = days[-1]
-        assert today["attributable"] == 3
-        assert math.isclose(today["total"], sum(mine.values()), rel_tol=1e-12)
-        assert math.isclose(today["share"], today["total"] / 3, rel_tol=1e-12)
+        assert [(d["day"], d["attributable"]) for d in days] == [
+            ("2026-03-12", 0), ("2026-03-13", 1), ("2026-03-14", 2)]
+        assert days[0]["total"] == days[0]["share"] == 0.0
+        for day, aids in ((days[1], newer[:1]), (days[2], newer[1:])):
+            total = sum(mine.get(a, 0.0) for a in aids)
+            assert math.isclose(day["total"], total, rel_tol=1e-12, abs_tol=1e-15)
+            assert math.isclose(day["share"], total / len(aids), rel_tol=1e-12, abs_tol=1e-15)
+        assert math.isclose(days[1]["total"] + days[2]["total"], sum(mine.values()), rel_tol=1e-12)
+        one = svc.client.get("/me/shares/days?days=1", headers=svc.owner(name)).json()["days"]
+        assert one == days[-1:]
     past = svc.client.get("/me/shares?offset=50", headers=svc.owner("alice")).json()
     assert past["items"] == [] and past["total"] == len(
         [a for a, sh in per_attribution.items() if sh.get("alice", 0) > 0])
