@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,15 @@ import pytest
 import uvicorn
 from sqlalchemy import func, select, update
 
+import app.shares
 from app.main import create_app
-from app.orm import TrainingItem
+from app.orm import Attribution, TrainingItem
 from tests.service.attributed import attribute_seeds
 from tests.service.conftest import Service
 
 CHROMIUM = "/usr/bin/chromium"
+TODAY = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
+"""The service's wall clock for the share chart: "today" is 2026-03-14 (UTC), whenever this runs."""
 HOSTILE = '<img src=x onerror=alert(1)><script>alert("owned")</script>'
 
 
@@ -66,9 +70,19 @@ def served(svc: Service) -> Iterator[str]:
     thread.join(timeout=10)
 
 
-def test_holder_and_docs_in_chromium(svc: Service, served: str, tmp_path: Path) -> None:
+def test_holder_and_docs_in_chromium(svc: Service, served: str, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     sync_playwright = _browser_or_skip()
+
+    class Pinned(datetime):  # the chart's "today", read by the server thread in this process
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> Pinned:  # type: ignore[override]
+            return cls.fromtimestamp(TODAY.timestamp(), tz)
+
+    monkeypatch.setattr(app.shares, "datetime", Pinned)
     aids = attribute_seeds(svc, [3, 4], top_k=20, verify_top_k=2, name_top=5)
+    with svc.db.session() as s:  # finished on the pinned day, a run across midnight changes nothing
+        s.execute(update(Attribution).where(Attribution.id.in_(aids)).values(finished_at=TODAY))
     with svc.db.session() as s:  # carol's works go to alice: two gallery pages; one title is hostile
         s.execute(update(TrainingItem).where(TrainingItem.owner_id == svc.owner_ids["carol"])
                   .values(owner_id=svc.owner_ids["alice"]))
