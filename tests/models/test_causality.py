@@ -54,7 +54,8 @@ def test_far_equals_a_brute_force_count(tiny_ensemble: Ensemble, tiny_data: Tiny
         u = sum(survives(b, int(named[b])) for b in counted)
         u_r = sum(survives(b, int(s)) for b in counted for s in rand[b])
         got = rates[name]
-        assert (got.samples, got.draws, got.unchanged, got.unchanged_random) == (len(counted), 3, u, u_r), name
+        want = (len(counted), 3, u, u_r)
+        assert (got.samples, got.draws, got.unchanged, got.unchanged_random) == want, name
         assert got.rate == (None if u_r == 0 else (u / len(counted)) / (u_r / (3 * len(counted))))
     assert rates["partial"].samples == 3
     np.testing.assert_array_equal(random_sources(ens.codebook.num_sources, len(seeds), 3, 5), rand)

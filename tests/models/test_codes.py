@@ -207,9 +207,10 @@ def test_capacity_exactly_fits() -> None:
 
 def test_capacity_error_is_value_error() -> None:
     assert issubclass(CapacityError, ValueError)
-    with pytest.raises(CapacityError):
+    # the weight check itself, not the capacity check that C(4, 0) = C(4, 4) = 1 < 3 would fail too
+    with pytest.raises(CapacityError, match=r"code weight k=0 must satisfy 0 < k < n=4"):
         assign_codes(3, 4, 0)
-    with pytest.raises(CapacityError):
+    with pytest.raises(CapacityError, match=r"code weight k=4 must satisfy 0 < k < n=4"):
         assign_codes(3, 4, 4)
 
 
@@ -289,8 +290,10 @@ def test_codebook_missing_groups_and_bad_granularity() -> None:
         make_codebook(5, 4, 2, granularity="owner")
     with pytest.raises(ValueError, match="granularity"):
         make_codebook(5, 4, 2, granularity="pixel")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="3 class entries for 5 items"):
         make_codebook(5, 4, 2, granularity="class", labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="6 owner entries for 5 items"):
+        make_codebook(5, 4, 2, granularity="owner", owners=list("abcdef"))
 
 
 def test_empty_member_error() -> None:

@@ -150,8 +150,11 @@ def test_item_sha256() -> None:
     assert ds.item_sha256(0) != ds.item_sha256(1)
     dup = ImageDataset("d", np.repeat(ds.images[:1], 2, axis=0), None, None, ("x", "y"))
     assert dup.item_sha256(0) == dup.item_sha256(1) == ds.item_sha256(0)
-    with pytest.raises(IndexError):
+    # the dataset's own check (numpy's IndexError for images[N] would pass a bare pytest.raises)
+    with pytest.raises(IndexError, match=re.escape(f"item {ds.N} out of range for dataset 'toy' (N = 6)")):
         ds.item_sha256(ds.N)
+    with pytest.raises(IndexError, match=re.escape(f"item {-ds.N - 1} out of range")):
+        ds.item_sha256(-ds.N - 1)
 
 
 def test_to_tensor_mapping() -> None:
@@ -205,9 +208,10 @@ def test_sample_reproducible_distinct() -> None:
     for ref, img in zip(a.refs, a.images, strict=True):
         np.testing.assert_array_equal(img, ds.images[int(ref.split(":")[1])])
     assert sorted(ds.sample(50, seed=0).refs) == sorted(ds.refs)
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match="'toy': cannot sample 51 distinct items from N = 50"):
         ds.sample(51, seed=0)
-    with pytest.raises(DatasetError):
+    # n = 0 is refused by sample itself, not by subset's "empty" on the zero items drawn
+    with pytest.raises(DatasetError, match="'toy': cannot sample 0 distinct items from N = 50"):
         ds.sample(0, seed=0)
 
 

@@ -81,7 +81,8 @@ def test_l2_zero_and_int_promotion() -> None:
     a = torch.randint(0, 255, (4, 1, 8, 8))
     assert l2_distance(a, a).dtype == torch.float32
     assert torch.equal(l2_distance(a, a), torch.zeros(4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("l2_distance expects (..., C, H, W) tensors, got shapes "
+                                                   "(8, 8) and (8, 8)")):
         l2_distance(torch.zeros(8, 8), torch.zeros(8, 8))
 
 
@@ -145,13 +146,22 @@ def test_lpips_chunking_is_invisible(metric: LPIPSMetric) -> None:
 
 
 def test_lpips_rejects_bad_inputs(metric: LPIPSMetric) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="LPIPS expects 1 or 3 channels, got 2"):
         metric(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("LPIPS needs matching (C, H, W), got (3, 8, 8) "
+                                                   "and (3, 16, 16)")):
         metric(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 16, 16))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("LPIPS expects (..., C, H, W) tensors, got shapes "
+                                                   "(8, 8) and (2, 1, 8, 8)")):
+        metric(torch.zeros(8, 8), torch.zeros(2, 1, 8, 8))
+    # the code's own check: range(0, n, 0) would raise a ValueError of its own
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         metric(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), chunk_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        LPIPSMetric(metric.model, net="alex", random_trunk=True, backbone_path=None,
+                    device=metric.device, chunk_size=0)
+    with pytest.raises(ValueError, match=re.escape("unsupported LPIPS net 'squeeze'; expected one of "
+                                                   "['alex', 'vgg']")):
         load_lpips("squeeze", random_trunk=True)
 
 
@@ -166,7 +176,7 @@ def test_backbone_path_default_and_override(
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     assert lpips_backbone_path() == checkpoints / "alexnet-owt-7be5be79.pth"
     assert lpips_backbone_path("vgg") == checkpoints / "vgg16-397923af.pth"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unsupported LPIPS net 'squeeze'"):
         lpips_backbone_path("squeeze")
     monkeypatch.setenv(BACKBONE_ENV_VAR, str(tmp_path / "x.pth"))
     assert lpips_backbone_path() == tmp_path / "x.pth"

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from models.ablation import delta_w, gram, jacobian, predicted_counterfactuals
-from models.codes import unpack_bits
+from models.codes import make_codebook, unpack_bits
 from models.ensemble import Ensemble
 from models.resemblance import (
     decoy_codes,
@@ -70,6 +70,53 @@ def test_set_sources_use_the_nearest_image(jac: tuple[torch.Tensor, torch.Tensor
                    item_source)
     brute = _brute_resemblance(f, J, delta_w(bits, tiny_ensemble.k), tiny_data.x, item_source, 4)
     torch.testing.assert_close(r, brute, rtol=1e-5, atol=1e-5)
+
+
+def _set_sources(kind: str, data: TinyData) -> np.ndarray:
+    """(N,) item -> source of a class or owner code book over the 60 digits: ten classes of 4 to 8
+    images each, or seven owners of 1, 2, 3, 6, 10, 15 and 23 images, interleaved."""
+    if kind == "class":
+        return make_codebook(len(data.labels), 8, 4, granularity="class", labels=data.labels).item_source
+    owners = np.repeat([f"owner{j}" for j in range(7)], [1, 2, 3, 6, 10, 15, 23])
+    owners = owners[np.random.default_rng(0).permutation(len(owners))]
+    return make_codebook(len(owners), 8, 4, granularity="owner", owners=list(owners)).item_source
+
+
+@pytest.mark.parametrize("kind", ["class", "owner"])
+def test_decoy_resemblance_of_set_sources_equals_brute_force(jac: tuple[torch.Tensor, torch.Tensor],
+                                                             tiny_ensemble: Ensemble, tiny_data: TinyData,
+                                                             kind: str) -> None:
+    """Decoys scored with a source of several images: d(f + J dw_m, X_s) - d(f, X_s), the distance to a
+    set being the distance to its nearest image, for a few sources listed out of order (as a ranking
+    lists its candidates) -- checked against a plain loop over sources, decoys and images."""
+    f, J = jac[0][0], jac[1][0]
+    n, k = tiny_ensemble.n, tiny_ensemble.k
+    item_source = _set_sources(kind, tiny_data)
+    assert sorted(np.bincount(item_source)) == ([4, 5, 5, 6, 6, 6, 6, 7, 7, 8] if kind == "class"
+                                                else [1, 2, 3, 6, 10, 15, 23])
+    sources = torch.tensor([5, 0, 3, 6])  # not sorted, not every source
+    items = torch.from_numpy(np.flatnonzero(np.isin(item_source, sources.numpy())))
+    items = items[torch.randperm(len(items), generator=torch.Generator().manual_seed(0))]
+    decoys = decoy_codes([], n, k, 12, seed=3)
+    dW = _dw(decoys, n, k)
+    got = decoy_resemblance(image_terms(f, J, tiny_data.x), gram(J[None])[0], dW, items, item_source, sources)
+
+    f_np = f.to(torch.float64).numpy().ravel()
+    J_np = J.to(torch.float64).numpy()
+    X = tiny_data.x.to(torch.float64).numpy().reshape(len(item_source), -1)
+    want = np.empty((len(sources), len(decoys)))
+    not_first = 0  # sources whose nearest image to f is not their first one
+    for r, s in enumerate(sources.tolist()):
+        own = [X[i] for i in range(len(item_source)) if item_source[i] == s]
+        d_f = [float(np.linalg.norm(f_np - x)) for x in own]
+        for m in range(len(decoys)):
+            cf = f_np + J_np @ dW[m].numpy()
+            d_cf = [float(np.linalg.norm(cf - x)) for x in own]
+            want[r, m] = min(d_cf) - min(d_f)
+        not_first += int(np.argmin(d_f) != 0)
+    assert got.shape == (len(sources), len(decoys))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert not_first >= 2
 
 
 def test_uint8_images_and_chunks_give_the_same_terms(jac: tuple[torch.Tensor, torch.Tensor],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_tape_shapes_and_seeds() -> None:
 
 
 def test_tape_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         make_tape([1], SHAPE, 0)
     with pytest.raises(ValueError, match="seed"):
         make_tape([-1], SHAPE, 3)
@@ -203,8 +205,11 @@ def test_schedule_respacing() -> None:
         assert a == pytest.approx((1 - beta) ** -0.5)
         assert b == pytest.approx(beta / (1 - float(sch.alpha_bar[t])) ** 0.5)
         assert sigma == pytest.approx(beta**0.5 if t > 0 else 0.0)
-    with pytest.raises(ValueError):
+    # without the check, linspace(0, 19, 21) rounds to 20 distinct steps and nothing is raised
+    with pytest.raises(ValueError, match=re.escape("steps must be in 1..20 (the schedule's T), got 21")):
         sch.timesteps(21)
+    with pytest.raises(ValueError, match=re.escape("steps must be in 1..20 (the schedule's T), got 0")):
+        sch.timesteps(0)
 
 
 # The DDPM posterior, computed here from the betas alone (numpy, float64), for any grid of

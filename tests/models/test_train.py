@@ -148,7 +148,7 @@ def test_train_rejects_empty_split() -> None:
 
 def test_train_config_validation() -> None:
     for bad in ((-1, 4, 1e-3), (1, 0, 1e-3), (1, 4, 0.0)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="steps >= 0, batch_size >= 1 and lr > 0 are required"):
             TrainConfig(*bad)
 
 

@@ -14,12 +14,12 @@ from models.ablation import ablation_weights, jacobian, measurable
 from models.attribute import AttributionConfig, rank_sources
 from models.codes import mask_bits, member_manifests, satisfies_definition1, validate_codes
 from models.data import load_digits
-from models.ensemble import Ensemble
+from models.ensemble import PRESETS, Ensemble
 from models.sampler import exact_counterfactuals, make_tape, sample, served_weights
-from models.train import fit
+from models.train import TrainConfig, fit, train
 from models.unet import WideUNet
 from models.unlearn import plan_retrain, retrain, retrain_config, served_members
-from tests.conftest import TINY_ITEMS, TinyData
+from tests.conftest import TINY_ITEMS, TinyData, make_tiny_ensemble
 
 WORK = 7  # the withdrawn source (item granularity: source 7 is item 7)
 
@@ -52,6 +52,41 @@ def test_masked_weights_have_zero_influence(tiny_ensemble: Ensemble) -> None:
         exact_counterfactuals(ens.net, ens.schedule, tape, w_ablated)[0],
         exact_counterfactuals(ens.net, ens.schedule, tape, w[None])[0],
     )
+
+
+def test_the_masked_ensemble_never_saw_the_work(tiny_ensemble: Ensemble, tiny_data: TinyData) -> None:
+    """The same training (same initialisation, same minibatch draws) once on the data as is (the
+    session's ensemble) and once with the work's pixels replaced by noise: the members outside S(x)
+    come out byte-identical, the members in S(x) do not, and the masked ensemble (S(x)'s members
+    dropped) generates exactly the same images from either, while the full ensembles do not."""
+    noised = tiny_data.x.clone()
+    noised[WORK] = torch.rand(noised[WORK].shape, generator=torch.Generator().manual_seed(99)) * 2 - 1
+    assert not torch.equal(noised[WORK], tiny_data.x[WORK])
+    p = PRESETS["tiny"]
+    cfg = TrainConfig(p.train_steps, p.batch_size, p.lr, seed=0)  # as tests/conftest.py trains it
+    other = train(make_tiny_ensemble(tiny_data), noised, cfg).for_inference()
+    assert tiny_ensemble.train_state is not None and other.train_state is not None
+    assert tiny_ensemble.train_state["config"] == other.train_state["config"]  # trained the same way
+
+    S = [i for i in range(tiny_ensemble.n) if tiny_ensemble.codebook.bits()[WORK, i]]
+    assert len(S) == tiny_ensemble.k
+    seen, unseen = tiny_ensemble.net.state_dict(), other.net.state_dict()
+    for i in range(tiny_ensemble.n):
+        same = [torch.equal(value[i], unseen[key][i]) for key, value in seen.items()]
+        if i in S:
+            assert not all(same), f"member {i} trained on the work but did not change with it"
+        else:
+            assert all(same), f"member {i} never trained on the work but changed with it"
+
+    served = _bits(served_members(tiny_ensemble.codebook, [WORK]), tiny_ensemble.n)
+    w = served_weights(served)
+    sch = tiny_ensemble.schedule
+    tape = make_tape([3, 4, 5], tiny_ensemble.shape, sch.T)
+    masked = sample(tiny_ensemble.net, sch, tape, w)
+    assert torch.equal(sample(other.net, sch, tape, w), masked)
+    assert torch.equal(exact_counterfactuals(other.net, sch, tape, w[None])[0],
+                       exact_counterfactuals(tiny_ensemble.net, sch, tape, w[None])[0])
+    assert not torch.equal(sample(other.net, sch, tape), sample(tiny_ensemble.net, sch, tape))
 
 
 def test_masked_ranking_matches_exact_weights(tiny_ensemble: Ensemble) -> None:
