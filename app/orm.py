@@ -258,12 +258,14 @@ class Attribution(Base):
     score: Mapped[str] = mapped_column(String(16), default="influence", server_default="influence")
     status: Mapped[str] = mapped_column(String(16), default="pending")
     agreement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # attributable: the top source survives the multiple-testing correction (None: not measured);
+    # attributable: the selective test names a work (None: not measured);
     # significance: how that was decided (models.attribute.Significance); near_copy: the copy check
     # (models.copies.CopyCheck), copy_of_item_id: the work it is a near-copy of
     attributable: Mapped[bool | None] = mapped_column(Boolean)
     significance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     near_copy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # causal: the authors' measures (models.causality.CausalMeasures): radius, top_changes_nearest
+    causal: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     copy_of_item_id: Mapped[int | None] = mapped_column(ForeignKey("training_item.id", ondelete="SET NULL"))
     job_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

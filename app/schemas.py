@@ -230,18 +230,52 @@ class EntryPublic(BaseModel):
     )
 
 
+class CandidatePublic(BaseModel):
+    training_item_id: int = Field(description="a work among those nearest the generation (pixel L2)")
+    distance: float = Field(description="pixel L2 distance between the generation and the work's image")
+    p_value: float = Field(description="empirical decoy p-value of its synthetic resemblance")
+
+
+class CataloguePublic(BaseModel):
+    sources: int = Field(description="works ranked (the correction runs over all of them)")
+    threshold: float = Field(description="alpha / sources")
+    p_method: str = Field(description="empirical, or gaussian tail (a normal fit of the decoys) where "
+                          "1 / (1 + decoys) cannot reach the threshold")
+    top_p: float | None = Field(description="the top work's p-value by that method")
+    attributable: bool = Field(description="top_p <= threshold: a stricter figure, never deciding")
+
+
 class SignificancePublic(BaseModel):
-    attributable: bool = Field(description="the top work's p-value survives Bonferroni's correction over "
-                               "the works ranked: p <= alpha / sources_tested")
+    attributable: bool = Field(description="the selective test: the best of the candidates (the works "
+                               "nearest the generation, chosen by content, blind to the codes) has an "
+                               "empirical decoy p-value <= alpha / sources_tested; that work is named and "
+                               "ranks first")
     reason: str = Field(description="why not, when not attributable (empty when it is)")
     alpha: float = Field(description="family-wise error level")
-    sources_tested: int = Field(description="works the correction runs over")
+    test: str = Field("catalogue", description="selective (today); catalogue for attributions stored "
+                      "before the selective test, decided over every work ranked")
+    sources_tested: int = Field(description="works the correction runs over (the candidates)")
     decoys: int = Field(description="decoy codes (weight-k codes no work holds) the p-values count against")
     threshold: float = Field(description="alpha / sources_tested")
-    p_method: str = Field(description="empirical ((1 + #decoys at least as high) / (1 + decoys)) or "
-                          "gaussian tail (a normal fit of the decoys, where too few decoys exist for the "
-                          "empirical p-value to reach the threshold)")
-    top_p: float | None = Field(description="the top work's p-value (exact where verified)")
+    p_method: str = Field(description="empirical: (1 + #decoys at least as high) / (1 + decoys)")
+    top_p: float | None = Field(description="the top work's p-value")
+    candidates: list[CandidatePublic] = Field([], description="the works tested, nearest first")
+    named_training_item_id: int | None = Field(None, description="the work the test names, if any")
+    catalogue: CataloguePublic | None = Field(None, description="the whole-catalogue test, a second, "
+                                              "stricter figure")
+
+
+class CausalPublic(BaseModel):
+    radius: float | None = Field(description="the authors' counterfactual radius: the largest pixel L2 "
+                                 "distance between the generation and the exact counterfactuals of the "
+                                 "verified works (over those only); 0 means no verified work moves it")
+    radius_over_verified: int = Field(description="how many works' exact counterfactuals the radius is over")
+    nearest_training_item_id: int = Field(description="the generation's nearest training work")
+    top_counterfactual_nearest_training_item_id: int | None = Field(
+        description="the nearest training work of the top work's exact counterfactual (null: not verified)")
+    top_changes_nearest: bool | None = Field(description="whether dropping the top work changes the "
+                                             "generation's nearest training image (the authors' test of a "
+                                             "causal attribution)")
 
 
 class NearestWork(BaseModel):
@@ -270,13 +304,15 @@ class AttributionPublic(BaseModel):
     verify_top_k: int = Field(description="how many of the synthetic top were re-ranked by exact "
                               "counterfactuals")
     status: Literal["pending", "running", "succeeded", "failed"] = Field(description="life cycle state")
-    attributable: bool | None = Field(None, description="whether the top work is significant (see "
-                                      "significance); null when not measured (method=exact, or older "
+    attributable: bool | None = Field(None, description="whether a work is named (the selective test, "
+                                      "see significance); null when not measured (method=exact, or older "
                                       "attributions). Not attributable is an answer: the ranking stands, but "
                                       "no single work explains the generation")
     significance: SignificancePublic | None = Field(None, description="how attributable was decided")
     near_copy: NearCopyPublic | None = Field(None, description="the copy check: is the generation a "
                                              "near-copy of a training work")
+    causal: CausalPublic | None = Field(None, description="the authors' causal measures, from the exact "
+                                        "counterfactuals (null for older attributions)")
     agreement: dict[str, float] | None = Field(description="synthetic vs exact on the verified entries")
     created_at: Time = Field(description="when it was created (UTC)")
     finished_at: Time | None = Field(description="when it finished (UTC), if it has")

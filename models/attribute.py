@@ -1,9 +1,11 @@
 """Attribution of generated samples to training sources, end to end.
 
 synthetic scores of every source (one Jacobian: influence from the Gram matrix, resemblance
-from the training images) -> decoy p-values of the top candidates -> optional LPIPS re-ranking
--> exact counterfactuals of the top ``verify_top_k``, re-ranked by their exact values ->
-``conclude``: the top k and whether the sample is attributable; ``copy_checks``: near-copies.
+from the training images) -> decoy p-values of the top candidates and of the selective test's
+candidates (the works nearest the sample by content) -> optional LPIPS re-ranking -> exact
+counterfactuals of the top ``verify_top_k``, re-ranked by their exact values -> ``conclude``: the
+top k, whether the sample is attributable (the selective test) and, when it is, the named work
+first; ``copy_checks``: near-copies.
 These are the functions the CLI, the experiments and the service workers call.
 """
 
@@ -27,6 +29,7 @@ from models.ablation import (
     predicted_counterfactuals,
     rank_codes,
 )
+from models.causality import counterfactual_radius
 from models.codes import unpack_bits
 from models.copies import COPY_RATIO, CopyCheck, copy_check, nearest_neighbour_median
 from models.distances import LPIPSMetric, l2_distance
@@ -41,10 +44,12 @@ from models.resemblance import (
     pixels,
     resemblance,
     set_distance,
+    source_distances,
 )
 from models.sampler import NoiseTape, exact_counterfactuals
 from models.scores import (  # noqa: F401 - re-exported: what callers of the engine also read
     ALPHA,
+    CANDIDATES,
     DECOYS,
     DEFAULT_SCORE,
     METRICS,
@@ -67,8 +72,8 @@ class AttributionConfig:
     """top_k: sources reported; metric: "l2" or "lpips" (influence's distance); rerank: candidates
     LPIPS re-ranks; verify_top_k: how many of the synthetic top get an exact counterfactual and are
     re-ranked by their exact values (may exceed top_k); score: what ranks, "influence" (the paper's
-    ||cf_s - f||) or "resemblance" (d(cf_s, X_s) - d(f, X_s), pixel L2); decoys, alpha: the
-    significance test (``Significance``)."""
+    ||cf_s - f||) or "resemblance" (d(cf_s, X_s) - d(f, X_s), pixel L2); decoys, alpha, candidates:
+    the significance test (``Significance``)."""
 
     top_k: int = 10
     metric: str = "l2"
@@ -79,6 +84,7 @@ class AttributionConfig:
     decoys: int = DECOYS
     alpha: float = ALPHA
     exact_decoys: int = 0
+    candidates: int = CANDIDATES
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -96,6 +102,9 @@ class AttributionConfig:
             raise ValueError("need decoys >= 0 and 0 < alpha < 1")
         if not 0 <= self.exact_decoys <= self.decoys:
             raise ValueError("need 0 <= exact_decoys <= decoys")
+        if self.candidates < 1:
+            raise ValueError(f"need candidates >= 1 (the works the selective test asks about), "
+                             f"not {self.candidates}")
 
 
 @dataclass
@@ -103,7 +112,9 @@ class SourceScore:
     """One ranked source: both scores, synthetic and exact (where verified), and the decoy p-value
     of its resemblance. Influence is the distance between the sample and its counterfactual (l2,
     and lpips where measured); resemblance how much further from the source's own images the
-    counterfactual is than the sample (``models.resemblance``)."""
+    counterfactual is than the sample (``models.resemblance``). p_value is empirical (it decides);
+    tail_p_value the normal-tail fit of the same decoys (the catalogue test's figure only);
+    distance d(f, X_s), how near the sample the source's own images are."""
 
     source: int
     l2: float
@@ -114,6 +125,8 @@ class SourceScore:
     exact_resemblance: float | None = None
     p_value: float | None = None
     exact_p_value: float | None = None
+    tail_p_value: float | None = None
+    distance: float | None = None
 
     def score(self, metric: str) -> float:
         """Influence in ``metric`` (synthetic, or exact for method exact)."""
@@ -137,20 +150,38 @@ class SourceScore:
     @property
     def p(self) -> float | None:
         """The p-value that decides: the synthetic one, a synthetic statistic against synthetic
-        decoys. The copies validation's shuffled control measured the others miscalibrated: an
-        exact resemblance against synthetic decoys, and a normal fit of a hundred exact decoys,
-        called a quarter or more of the shuffled samples attributable (README "Trust")."""
+        decoys, empirical. The copies validation's shuffled control measured the others
+        miscalibrated: an exact resemblance against synthetic decoys, and a normal fit of a
+        hundred exact decoys, called a quarter or more of the shuffled samples attributable
+        (docs/validation.md "Trust")."""
         return self.p_value
 
 
 @dataclass(frozen=True)
-class Significance:
-    """Whether one attribution names a work: its top source's p-value against the decoys must
-    survive Bonferroni's correction over the ``tested`` sources ranked, p <= alpha / tested.
+class Candidate:
+    """A work the selective test asks about: its source, d(f, X_s) and its empirical decoy p."""
 
-    method: "empirical" ((1 + #decoys at least as high) / (1 + M)) when M decoys can reach the
-    threshold, else "gaussian tail" (the normal tail of the source's z-score against its decoys,
-    a fit: 1 / (1 + M) cannot be small enough). reason: why not, when not attributable."""
+    source: int
+    distance: float
+    p: float
+
+
+@dataclass(frozen=True)
+class Significance:
+    """Whether one attribution names a work, by the selective test.
+
+    Its ``candidates`` are the sources of the training images nearest the sample (pixel L2; m =
+    ``AttributionConfig.candidates``), chosen by content and blind to the codes, so each one's
+    p-value is a fair draw under the null -- unlike the synthetic top's, which the codes chose
+    (the maximum of many). Each is tested against the decoys with an empirical p-value,
+    (1 + #decoys at least as high) / (1 + M), Bonferroni over them: the sample is attributable
+    when the best has p <= alpha / tested (tested = len(candidates)); that work is ``named`` and
+    ranks first. reason: why not, when not attributable.
+
+    The catalogue test stays as a second, stricter figure, never deciding: the ranking's top
+    source against alpha / catalogue_sources (every source ranked), with ``catalogue_method``
+    "empirical" when M decoys can reach that threshold, else "gaussian tail" (a normal fit of the
+    decoys; 1 / (1 + M) cannot be small enough)."""
 
     attributable: bool
     reason: str
@@ -160,17 +191,33 @@ class Significance:
     threshold: float
     method: str
     top_p: float | None
+    candidates: tuple[Candidate, ...] = ()
+    named: int | None = None
+    catalogue_sources: int = 0
+    catalogue_method: str = "empirical"
+    catalogue_p: float | None = None
+    catalogue_attributable: bool = False
+
+    @property
+    def catalogue_threshold(self) -> float:
+        return self.alpha / max(self.catalogue_sources, 1)
 
     def names(self, entry: SourceScore) -> bool:
-        """Whether this attribution names ``entry``'s source: it is attributable and the source's
-        p-value survives the same correction."""
-        p = entry.p
-        return self.attributable and p is not None and p <= self.threshold
+        """Whether this attribution names ``entry``'s source: it is attributable and the source is
+        a candidate whose p-value survives the same correction."""
+        return self.attributable and any(c.source == entry.source and c.p <= self.threshold
+                                         for c in self.candidates)
 
     def to_json(self) -> dict[str, object]:
         return {"attributable": self.attributable, "reason": self.reason, "alpha": self.alpha,
-                "sources_tested": self.tested, "decoys": self.decoys, "threshold": self.threshold,
-                "p_method": self.method, "top_p": self.top_p}
+                "test": "selective", "sources_tested": self.tested, "decoys": self.decoys,
+                "threshold": self.threshold, "p_method": self.method, "top_p": self.top_p,
+                "candidates": [{"source": c.source, "distance": c.distance, "p_value": c.p}
+                               for c in self.candidates],
+                "named_source": self.named,
+                "catalogue": {"sources": self.catalogue_sources, "threshold": self.catalogue_threshold,
+                              "p_method": self.catalogue_method, "top_p": self.catalogue_p,
+                              "attributable": self.catalogue_attributable}}
 
 
 @dataclass
@@ -191,6 +238,8 @@ class SampleAttribution:
     agreement: dict[str, float] | None = field(default=None)
     significance: Significance | None = None
     exact: list[bool] = field(default_factory=list)  # per ranked source: its counterfactual is exact
+    radius: float | None = None  # the authors' counterfactual radius over the sources run exactly
+    radius_over: int = 0  # how many sources that is (models.causality)
 
 
 def attribute(ens: Ensemble, tape: NoiseTape, cfg: AttributionConfig,
@@ -266,26 +315,38 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
         cand_idx = [src[cand_pos[b].cpu()] for b in range(len(seeds))]
         resemblances: list[Tensor | None] = [None] * len(seeds)
         pvalues: list[Tensor | None] = [None] * len(seeds)
+        tails: list[Tensor | None] = [None] * len(seeds)
+        distances: list[Tensor | None] = [None] * len(seeds)
+        nearest_sources: list[Tensor] = [torch.zeros(0, dtype=torch.long)] * len(seeds)
         decoys = None
     else:
         dW_book = delta_w(bits, book.k, served=served)  # (S, n); NaN rows are never ranked (measurable)
         decoys = _decoys(ens, cfg, served, S)
         influences, cand_idx, resemblances, pvalues = [], [], [], []
+        tails, distances, nearest_sources = [], [], []
         for b in range(len(seeds)):
             terms = image_terms(f[b], J[b], images, norms_sq=norms_sq)
             r_all = resemblance(terms, G[b].cpu(), dW_book, book.item_source)
             infl = influence(G[b : b + 1].cpu(), dW_book[src])[0]
+            d_all = source_distances(terms, book.item_source, book.num_sources)
             ranked_by = r_all[src] if cfg.score == "resemblance" else infl
             top = torch.topk(ranked_by, n_cand).indices
-            idx = src[top]
-            influences.append(infl[top])
+            # the selective test's candidates, by content alone; ranked with the rest
+            near = _nearest_positions(d_all[src], r_all[src], cfg.candidates)
+            pos = torch.cat([top, near[~torch.isin(near, top)]])
+            idx = src[pos]
+            influences.append(infl[pos])
             cand_idx.append(idx)
             resemblances.append(r_all[idx])
+            distances.append(d_all[idx])
+            nearest_sources.append(src[near])
             if decoys.dW.shape[0]:
                 null = _null(terms, G[b].cpu(), decoys, idx, book.item_source)
-                pvalues.append(_p_of(r_all[idx], null, _p_method(null.shape[1], S, cfg.alpha)))
+                pvalues.append(decoy_pvalues(r_all[idx], null))
+                tails.append(gaussian_tail_pvalues(r_all[idx], null))
             else:
                 pvalues.append(torch.full((len(idx),), float("nan"), dtype=torch.float64))
+                tails.append(torch.full((len(idx),), float("nan"), dtype=torch.float64))
     dW_cand = torch.stack([delta_w(bits[idx].to(J.device), book.k, served=served) for idx in cand_idx])
     preds = predicted_counterfactuals(f, J, dW_cand).clamp(-1, 1)  # (B, R, C, H, W)
 
@@ -293,21 +354,50 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
     for b in range(f.shape[0]):
         entries = [SourceScore(int(i), float(v)) for i, v in zip(cand_idx[b], influences[b], strict=True)]
         for j, e in enumerate(entries):
-            r_b, p_b = resemblances[b], pvalues[b]
+            r_b, p_b, t_b, d_b = resemblances[b], pvalues[b], tails[b], distances[b]
             e.resemblance = None if r_b is None else float(r_b[j])
             e.p_value = None if p_b is None or bool(torch.isnan(p_b[j])) else float(p_b[j])
+            e.tail_p_value = None if t_b is None or bool(torch.isnan(t_b[j])) else float(t_b[j])
+            e.distance = None if d_b is None else float(d_b[j])
         if cfg.metric == "lpips":
             assert lpips is not None
             lp = lpips(preds[b], f[b][None].expand_as(preds[b])).cpu().to(torch.float64)
             for e, v in zip(entries, lp.tolist(), strict=True):
                 e.lpips = v
         order = sorted(range(len(entries)), key=lambda j: -entries[j].value(cfg.score, cfg.metric))
+        sig = None
+        if decoys is not None:
+            by_source = {e.source: e for e in entries}
+            candidates = tuple(Candidate(int(s), float(by_source[int(s)].distance or 0.0), p)
+                               for s in nearest_sources[b].tolist()
+                               if (p := by_source[int(s)].p_value) is not None)
+            sig = _untested(cfg, decoys, candidates)  # decided by conclude
+            named = _named(sig)
+            if named is not None:  # the ranking follows the evidence: verified first, first after
+                first = next(j for j in order if entries[j].source == named)
+                order = [first] + [j for j in order if j != first]
         res = SampleAttribution(seeds[b], f[b], G[b], [entries[j] for j in order], preds[b][order])
         res.exact = [False] * len(order)
-        if decoys is not None:
-            res.significance = _untested(cfg, decoys)  # replaced by conclude
+        res.significance = sig
         results.append(res)
     return results
+
+
+def _nearest_positions(distance: Tensor, r: Tensor, m: int) -> Tensor:
+    """Positions of the m smallest ``distance`` (S',) among the sources whose resemblance ``r`` is
+    measurable (finite), nearest first: the selective test's candidates."""
+    finite = torch.nonzero(torch.isfinite(r) & torch.isfinite(distance)).flatten()
+    order = torch.argsort(distance[finite], stable=True)[:m]
+    return finite[order]
+
+
+def _named(sig: Significance) -> int | None:
+    """The candidate the selective test names: the lowest p (the nearer on ties) when it survives
+    alpha / len(candidates); else None."""
+    if not sig.candidates or sig.decoys == 0:
+        return None
+    best = min(sig.candidates, key=lambda c: (c.p, c.distance))
+    return best.source if best.p <= sig.threshold else None
 
 
 def _null(terms: ImageTerms, G: Tensor, decoys: _Decoys, idx: Tensor, item_source: np.ndarray) -> Tensor:
@@ -316,44 +406,75 @@ def _null(terms: ImageTerms, G: Tensor, decoys: _Decoys, idx: Tensor, item_sourc
     return decoy_resemblance(terms, G, decoys.dW, items, item_source, idx)
 
 
-def _p_of(r: Tensor, null: Tensor, method: str) -> Tensor:
-    """p-values by ``method`` (``_p_method``): empirical, or the Gaussian tail of the z-score."""
-    return decoy_pvalues(r, null) if method == "empirical" else gaussian_tail_pvalues(r, null)
-
-
 def _p_method(decoys: int, tested: int, alpha: float) -> str:
-    """Empirical where M decoys can reach alpha / tested, else the Gaussian tail (``Significance``)."""
+    """Empirical where M decoys can reach alpha / tested, else the Gaussian tail: the catalogue
+    test's method (``Significance``)."""
     return "empirical" if alpha / max(tested, 1) >= 1.0 / (1.0 + decoys) else "gaussian tail"
 
 
-def _untested(cfg: AttributionConfig, decoys: _Decoys) -> Significance:
-    M = decoys.dW.shape[0]
-    return Significance(False, "not concluded", cfg.alpha, decoys.tested, M,
-                        cfg.alpha / max(decoys.tested, 1), _p_method(M, decoys.tested, cfg.alpha), None)
+def _untested(cfg: AttributionConfig, decoys: _Decoys, candidates: tuple[Candidate, ...]) -> Significance:
+    M, m = decoys.dW.shape[0], len(candidates)
+    return Significance(False, "not concluded", cfg.alpha, m, M, cfg.alpha / max(m, 1), "empirical", None,
+                        candidates=candidates, catalogue_sources=decoys.tested,
+                        catalogue_method=_p_method(M, decoys.tested, cfg.alpha))
+
+
+def _move_first(res: SampleAttribution, source: int) -> None:
+    """Put ``source``'s entry first, the rest in their order (its counterfactuals with it)."""
+    j = next((i for i, e in enumerate(res.ranking) if e.source == source), None)
+    if j is None:
+        raise ValueError(f"the named source {source} is not in the ranking "
+                         f"(conclude runs once, before any cut)")
+    if j == 0:
+        return
+    perm = [j, *range(j), *range(j + 1, len(res.ranking))]
+    if res.exact_counterfactuals is not None:
+        K = res.exact_counterfactuals.shape[0]
+        # rank_sources put the named work first, so verify ran it exactly (within the first K)
+        assert j < K, f"the named source {source} was not verified (rank {j + 1} of {K} verified)"
+        res.exact_counterfactuals = res.exact_counterfactuals[perm[:K]]
+    res.ranking = [res.ranking[i] for i in perm]
+    res.counterfactuals = res.counterfactuals[perm]
+    res.exact = [res.exact[i] for i in perm]
 
 
 def conclude(res: SampleAttribution, cfg: AttributionConfig) -> None:
-    """Cut the ranking to top_k and decide significance from its top source."""
+    """Decide the selective test, put the work it names first, cut the ranking to top_k and give
+    the catalogue test's figure (``Significance``)."""
+    sig = res.significance
+    named = None if sig is None else _named(sig)
+    if named is not None:
+        _move_first(res, named)
     k = min(cfg.top_k, len(res.ranking))
     res.ranking, res.counterfactuals, res.exact = res.ranking[:k], res.counterfactuals[:k], res.exact[:k]
     if res.exact_counterfactuals is not None:
         res.exact_counterfactuals = res.exact_counterfactuals[:k]
-    sig = res.significance
     if sig is None:
         return
-    top_p = res.ranking[0].p if res.ranking else None
+    top = res.ranking[0] if res.ranking else None
+    top_p = None if top is None else top.p
+    catalogue_p = None if top is None else (top.tail_p_value if sig.catalogue_method == "gaussian tail"
+                                            else top.p)
+    sig = replace(sig, top_p=top_p, named=named, catalogue_p=catalogue_p,
+                  catalogue_attributable=catalogue_p is not None and catalogue_p <= sig.catalogue_threshold)
     if sig.decoys == 0:
         why = "no decoy codes: every code of weight k is held by a source, so there is no null to test"
-        res.significance = replace(sig, attributable=False, reason=why, top_p=None)
+        res.significance = replace(sig, attributable=False, reason=why, top_p=None, catalogue_p=None,
+                                   catalogue_attributable=False)
         return
-    assert top_p is not None
-    if top_p <= sig.threshold:
-        res.significance = replace(sig, attributable=True, reason="", top_p=top_p)
+    if named is not None:
+        res.significance = replace(sig, attributable=True, reason="")
         return
-    why = (f"the top work's p-value {top_p:.3g} ({sig.method}, {sig.decoys} decoys) is above "
-           f"{sig.alpha:g}/{sig.tested} = {sig.threshold:.3g}: removing it does not move the generation "
-           f"away from it more than removing random members does, so no single work is named")
-    res.significance = replace(sig, attributable=False, reason=why, top_p=top_p)
+    if not sig.candidates:
+        why = "no work near the generation could be tested (none has a measurable counterfactual)"
+        res.significance = replace(sig, attributable=False, reason=why)
+        return
+    best = min(c.p for c in sig.candidates)
+    why = (f"the best of the {sig.tested} works nearest the generation has p-value {best:.3g} (empirical, "
+           f"{sig.decoys} decoys), above {sig.alpha:g}/{sig.tested} = {sig.threshold:.3g}: removing none of "
+           f"them moves the generation away from it more than removing random members does, so no single "
+           f"work is named")
+    res.significance = replace(sig, attributable=False, reason=why)
 
 
 def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionConfig,
@@ -410,7 +531,8 @@ def attribute_exact(ens: Ensemble, tape: NoiseTape, f: Tensor, cfg: AttributionC
     cfs = torch.stack([top_images[i] for i in order])
     n = ens.n
     return SampleAttribution(tape.seeds[0], f, torch.zeros(n, n, dtype=torch.float64), ranking, cfs,
-                             exact_counterfactuals=cfs, exact=[True] * len(order))
+                             exact_counterfactuals=cfs, exact=[True] * len(order),
+                             radius=float(l2s.max()) if S else 0.0, radius_over=S)
 
 
 def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
@@ -421,7 +543,8 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
     then those re-ranked by their exact values (the rest keep their synthetic order below them).
 
     Fills exact_l2 / exact_lpips, and with ``images`` exact_resemblance, exact_counterfactuals and
-    agreement (of the ranking score). With ``cfg.exact_decoys`` (and images), that many decoys are
+    agreement (of the ranking score), and the counterfactual radius over the verified sources
+    (``radius``, ``radius_over``). With ``cfg.exact_decoys`` (and images), that many decoys are
     run exactly too, in the same pass, and give the verified sources empirical exact p-values
     (floor 1 / (1 + exact_decoys); reported beside the synthetic ones, which decide).
     served: (n,) bits of the served members (None: all).
@@ -474,6 +597,7 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
         rest = list(range(K, len(res.ranking)))
         res.ranking = [res.ranking[j] for j in order] + [res.ranking[j] for j in rest]
         res.exact_counterfactuals = exact[b][order]
+        res.radius, res.radius_over = counterfactual_radius(res.image, exact[b]), K
         res.counterfactuals = torch.cat([exact[b][order].to(res.counterfactuals.dtype).cpu().clamp(-1, 1),
                                          res.counterfactuals[K:]])
         res.exact = [True] * K + [False] * len(rest)
@@ -502,12 +626,17 @@ def copy_checks(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution]
     allowed = None if sources is None else set(sources.tolist())
     checks = [copy_check(res.image, images, nn_median, ratio=ratio) for res in results]
     todo: list[tuple[int, int]] = []  # (sample, source) still to run
+    bits_all = torch.from_numpy(book.bits())
     for b, (res, check) in enumerate(zip(results, checks, strict=True)):
         if not check.near_copy:
             continue
         source = int(book.item_source[int(check.items[0])])
         verified = [e.exact_resemblance for e in res.ranking if e.source == source]
-        if verified and verified[0] is not None:
+        if served is not None and not bool((bits_all[source].bool() & served.bool().cpu()).any()):
+            # none of its members is served: dropping it changes nothing (exactly 0, not the
+            # rounding noise of re-running the same ensemble), so it did not cause the copy
+            checks[b] = check.confirm(0.0)
+        elif verified and verified[0] is not None:
             checks[b] = check.confirm(verified[0])
         elif allowed is None or source in allowed:
             todo.append((b, source))

@@ -131,3 +131,32 @@ def false_attribution_rates(ens: Ensemble, tape: NoiseTape, f: Tensor, attribute
         out[m] = FalseAttribution(len(counted), draws, sum(bool(survived[(b, int(v[b]))]) for b in counted),
                                   sum(bool(survived[(b, int(s))]) for b in counted for s in rand[b]))
     return out
+
+
+@dataclass(frozen=True)
+class CausalMeasures:
+    """The authors' measures of one attribution, from the exact counterfactuals it computed.
+
+    radius: ``counterfactual_radius`` over the ``verified`` sources only (None when none was run
+    exactly); nearest: the sample's nearest training item; top_nearest: the nearest item of the
+    top source's exact counterfactual (None when the top source was not run exactly);
+    top_changes_nearest: whether dropping the top source changes the sample's nearest image."""
+
+    radius: float | None
+    verified: int
+    nearest: int
+    top_nearest: int | None
+
+    @property
+    def top_changes_nearest(self) -> bool | None:
+        return None if self.top_nearest is None else self.top_nearest != self.nearest
+
+
+def causal_measures(f: Tensor, top_counterfactual: Tensor | None, radius: float | None, verified: int,
+                    images: TrainingImages, nearest: int | None = None) -> CausalMeasures:
+    """``CausalMeasures`` of a sample f (C, H, W): top_counterfactual (C, H, W) is its top source's
+    exact counterfactual (None: not run exactly); radius, verified: ``counterfactual_radius`` over
+    the ``verified`` sources run exactly; nearest: its nearest training item if known."""
+    near = int(nearest_item(f[None], images)[0]) if nearest is None else int(nearest)
+    top = None if top_counterfactual is None else int(nearest_item(top_counterfactual[None], images)[0])
+    return CausalMeasures(radius if verified else None, verified, near, top)

@@ -143,6 +143,13 @@ def _segment_min(values: Tensor, segment: Tensor, num_segments: int) -> Tensor:
     return out.scatter_reduce(0, index, values, reduce="amin")
 
 
+def source_distances(terms: ImageTerms, item_source: np.ndarray, num_sources: int) -> Tensor:
+    """d(f, X_s) = min over the source's images of ||f - x||, every source: (S,) float64 (+inf for a
+    source with no image). What the selective test chooses its candidates by: content alone."""
+    item_source_t = torch.as_tensor(np.asarray(item_source), dtype=torch.long)
+    return _segment_min(terms.base_sq.clamp_min(0.0).sqrt(), item_source_t, num_sources)
+
+
 def resemblance(terms: ImageTerms, G: Tensor, dW: Tensor, item_source: np.ndarray) -> Tensor:
     """Synthetic resemblance r_s = d(f + J dw_s, X_s) - d(f, X_s) of every source (S,) float64.
 

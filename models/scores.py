@@ -24,6 +24,9 @@ def default_score(granularity: str, metric: str = "l2") -> str:
 DECOYS = 10_000
 """Decoy codes per attribution (fewer when fewer weight-k codes are free)."""
 ALPHA = 0.05
-"""Family-wise error level of "attributable" (Bonferroni over the sources ranked)."""
+"""Family-wise error level of "attributable" (Bonferroni over the candidates tested)."""
+CANDIDATES = 5
+"""How many works the selective test asks about: the sources of the images nearest the generation
+(chosen by content, blind to the codes), each tested against the decoys, Bonferroni over them."""
 P_SCREEN = 100
 """Candidates of the synthetic ranking that get decoy p-values (at least top_k and verify_top_k)."""

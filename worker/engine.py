@@ -48,12 +48,14 @@ from models.ablation import gram, jacobian, measurable
 from models.attribute import (
     AttributionConfig,
     SampleAttribution,
+    Significance,
     attribute_exact,
     conclude,
     copy_checks,
     rank_sources,
     verify,
 )
+from models.causality import causal_measures
 from models.codes import mask_bits
 from models.copies import CopyCheck, nearest_neighbour_median
 from models.data import DatasetError
@@ -306,11 +308,27 @@ def run_attribute(db: Database, cache: EngineCache, job: Job, progress: Progress
     [check] = copy_checks(le.ens, tape, [res], images, nn_median=le.nn_median, ratio=settings.copy_ratio,
                           served=le.served, sources=sources, members=le.members)
     progress(0.95)
-    return _write_attribution(db, le, attribution_id, job.id, res, cfg, check)
+    return _write_attribution(db, le, attribution_id, job.id, res, cfg, check, images)
+
+
+def _item_of_index(le: LoadedEnsemble, index: int) -> int:
+    """The training item row id of the code book's item ``index``."""
+    return int(le.item_of_source[le.ens.codebook.item_source[int(index)]])
+
+
+def _significance_json(le: LoadedEnsemble, sig: Significance) -> dict[str, Any]:
+    """``Significance.to_json`` with the sources it names as training item ids."""
+    out = sig.to_json()
+    out["candidates"] = [{"training_item_id": int(le.item_of_source[c.source]), "distance": c.distance,
+                          "p_value": c.p} for c in sig.candidates]
+    out.pop("named_source")
+    out["named_training_item_id"] = None if sig.named is None else int(le.item_of_source[sig.named])
+    return out
 
 
 def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, job_id: str,
-                       res: SampleAttribution, cfg: AttributionConfig, check: CopyCheck) -> dict[str, Any]:
+                       res: SampleAttribution, cfg: AttributionConfig, check: CopyCheck,
+                       images: torch.Tensor) -> dict[str, Any]:
     """Replace the entries and mark attribution and job done, in one transaction."""
     exact = res.exact_counterfactuals
     sig = res.significance
@@ -340,8 +358,17 @@ def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, jo
             k: v if math.isfinite(v) else None for k, v in res.agreement.items()}
         att.status, att.finished_at, att.agreement = "succeeded", utcnow(), agreement
         att.attributable = None if sig is None else sig.attributable
-        att.significance = None if sig is None else sig.to_json()
+        att.significance = None if sig is None else _significance_json(le, sig)
         nearest = [int(le.item_of_source[le.ens.codebook.item_source[int(i)]]) for i in check.items]
+        top_cf = exact[0] if exact is not None and res.exact and res.exact[0] else None
+        causal = causal_measures(res.image, top_cf, res.radius, res.radius_over, images,
+                                 nearest=int(check.items[0]))
+        att.causal = {
+            "radius": causal.radius, "radius_over_verified": causal.verified,
+            "nearest_training_item_id": nearest[0],
+            "top_counterfactual_nearest_training_item_id":
+                None if causal.top_nearest is None else _item_of_index(le, causal.top_nearest),
+            "top_changes_nearest": causal.top_changes_nearest}
         att.copy_of_item_id = nearest[0] if check.near_copy else None
         att.near_copy = {
             "nearest": [{"training_item_id": item, "distance": float(d)}

@@ -31,6 +31,7 @@ from app.schemas import (
     AttributeAccepted,
     AttributeCreate,
     AttributionPublic,
+    CausalPublic,
     EntryPublic,
     NearCopyPublic,
     SignificancePublic,
@@ -101,6 +102,7 @@ def attribution_public(s: Session, att: Attribution) -> AttributionPublic:
                              if att.significance else None,
                              near_copy=NearCopyPublic.model_validate(att.near_copy)
                              if att.near_copy else None,
+                             causal=CausalPublic.model_validate(att.causal) if att.causal else None,
                              agreement=None if att.agreement is None else {  # null stored: undefined
                                  k: float("nan") if v is None else v for k, v in att.agreement.items()},
                              created_at=att.created_at, finished_at=att.finished_at,

@@ -1,0 +1,93 @@
+"""The selective test (models.attribute.Significance): candidates chosen by content, blind to the
+codes, keep their level when the codes are shuffled after training -- their p-values are uniform
+(Kolmogorov-Smirnov) where the synthetic top's, which the codes chose, are not -- and a named
+candidate ranks first."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from models.ablation import jacobian
+from models.attribute import AttributionConfig, SampleAttribution, attribute, conclude, rank_sources
+from models.codes import make_codebook
+from models.ensemble import PRESETS, Ensemble
+from models.resemblance import pixels
+from models.sampler import make_tape
+from models.train import TrainConfig, train
+from tests.conftest import TinyData
+
+N_SAMPLES = 40
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def wide_null(tiny_data: TinyData) -> tuple[Ensemble, list[SampleAttribution]]:
+    """n = 12, k = 6 (864 free codes: decoy p-values down to 1/865 < 0.05/5), trained, then its
+    codes shuffled: no image is paired with the members that saw it, so no work may be named."""
+    book = make_codebook(tiny_data.info.num_items, 12, 6, seed=0)
+    ens = Ensemble.create(PRESETS["tiny"], book, tiny_data.info, seed=0)
+    train(ens, tiny_data.x, TrainConfig(40, 8, 2e-3, seed=0))
+    perm = np.random.default_rng(1).permutation(book.num_sources)
+    shuffled = dataclasses.replace(ens.for_inference(),
+                                   codebook=dataclasses.replace(book, codes=book.codes[perm].copy()))
+    tape = make_tape(list(range(N_SAMPLES)), shuffled.shape, STEPS)
+    return shuffled, attribute(shuffled, tape, AttributionConfig(top_k=5), images=tiny_data.x)
+
+
+def test_candidates_are_the_works_nearest_the_sample(wide_null: tuple[Ensemble, list[SampleAttribution]],
+                                                     tiny_data: TinyData) -> None:
+    _, results = wide_null
+    data = pixels(tiny_data.x, np.arange(tiny_data.x.shape[0]))
+    for res in results:
+        sig = res.significance
+        assert sig is not None and sig.decoys == 864 and sig.tested == 5
+        assert sig.threshold == pytest.approx(0.01) and sig.catalogue_threshold == pytest.approx(0.05 / 60)
+        d = (data - res.image.double().flatten()).norm(dim=1)
+        nearest = torch.argsort(d, stable=True)[:5].tolist()  # item granularity: source = item
+        assert [c.source for c in sig.candidates] == nearest
+        np.testing.assert_allclose([c.distance for c in sig.candidates], d[nearest].numpy(), rtol=1e-6)
+
+
+def test_the_selective_test_keeps_its_level_on_shuffled_codes(
+        wide_null: tuple[Ensemble, list[SampleAttribution]]) -> None:
+    _, results = wide_null
+    sigs = [r.significance for r in results]
+    assert all(s is not None for s in sigs)
+    p_candidates = np.array([c.p for s in sigs if s is not None for c in s.candidates])
+    assert len(p_candidates) == 5 * N_SAMPLES
+    assert stats.kstest(p_candidates, "uniform").pvalue > 0.01  # content-chosen: uniform under the null
+    p_top = np.array([r.ranking[0].p for r in results])  # the codes' choice: the maximum of many
+    assert stats.kstest(p_top, "uniform").pvalue < 1e-10
+    attributable = sum(bool(s is not None and s.attributable) for s in sigs)
+    # level 0.05: P(Binomial(40, 0.05) >= 7) < 0.004
+    assert attributable <= 6, attributable
+
+
+def test_a_named_candidate_ranks_first_and_only_it_is_named(
+        wide_null: tuple[Ensemble, list[SampleAttribution]], tiny_data: TinyData) -> None:
+    """On the same ranking, a candidate's p-value planted below alpha / m: conclude names it, puts
+    it first (its counterfactual with it) and names nothing else."""
+    ens, _ = wide_null
+    tape = make_tape([3], ens.shape, STEPS)
+    f, J = jacobian(ens.net, ens.schedule, tape)
+    cfg = AttributionConfig(top_k=5)
+    [res] = rank_sources(ens, [3], f, J, cfg, images=tiny_data.x)
+    sig = res.significance
+    assert sig is not None
+    third = sig.candidates[2]
+    planted = dataclasses.replace(third, p=1e-4)
+    candidates = (*sig.candidates[:2], planted, *sig.candidates[3:])
+    res.significance = dataclasses.replace(sig, candidates=candidates)
+    j = next(i for i, e in enumerate(res.ranking) if e.source == third.source)
+    cf = res.counterfactuals[j].clone()
+    conclude(res, cfg)
+    out = res.significance
+    assert out is not None and out.attributable and out.named == third.source and out.reason == ""
+    assert res.ranking[0].source == third.source and torch.equal(res.counterfactuals[0], cf)
+    assert [out.names(e) for e in res.ranking] == [True, False, False, False, False]
+    assert out.to_json()["named_source"] == third.source and out.to_json()["test"] == "selective"
