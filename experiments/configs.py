@@ -155,6 +155,7 @@ class CopiesConfig(ExperimentConfig):
     verify_top_k: NonNegativeInt = 50
     decoys: NonNegativeInt = DECOYS
     exact_decoys: NonNegativeInt = 0
+    far_draws: PositiveInt = 2
 
     def stages(self) -> tuple[str, ...]:
         stages = super().stages()

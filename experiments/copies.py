@@ -42,6 +42,7 @@ from models.attribute import (
     rank_sources,
     verify,
 )
+from models.causality import false_attribution_rates
 from models.codes import CodeBook
 from models.copies import nearest_neighbour_median
 from models.distances import l2_distance
@@ -56,8 +57,16 @@ TOP3_RATE_COPIES = Target(">=", 0.97)
 """Near-copies whose copied image is in the default attribution's top 3."""
 ATTRIBUTABLE_COPIES = Target(">=", 0.9)
 """Near-copies called attributable with the copied image as the top source."""
-SHUFFLED_ATTRIBUTABLE = Target("<=", 0.1)
-"""Samples called attributable when the codes are shuffled after training (a control that must fail)."""
+SHUFFLED_ATTRIBUTABLE = Target("<=", 0.05)
+"""Samples called attributable when the codes are shuffled after training (a control that must fail:
+the selective test's level)."""
+SELECTIVE_ATTRIBUTABLE_COPIES = Target(">=", 0.5)
+"""Near-copies the selective test calls attributable."""
+CAUSE_ON_TOP = Target(">=", 0.9)
+"""Near-copies whose nearest image the exact counterfactual confirms as the cause (dropping it changes
+the sample's nearest image): the served top source is that image."""
+FAR_ATTRIBUTABLE = Target("<=", 0.1)
+"""The authors' false attribution rate of the served top source, on the samples called attributable."""
 SHUFFLE_SEED = 12345
 
 
@@ -327,6 +336,36 @@ def trust_stats(att: Attributed, nn_source: np.ndarray, is_copy: np.ndarray) -> 
                               for p_of, s, c in zip(att.p_of, nn_source, is_copy, strict=True) if c]}
 
 
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.2f}"
+
+
+def causal_stats(ens: Ensemble, tape: NoiseTape, res: CopyDetection, served: Attributed, x_train: Tensor,
+                 is_copy: np.ndarray, *, draws: int, seed: int) -> dict[str, Any]:
+    """The authors' measures on these samples, from exact counterfactuals: FAR (``models.causality``)
+    of the served top source (on all samples, and on those called attributable), of nearest-image
+    attribution and of the paper's influence ranking, with the same random drops; which near-copies'
+    nearest image is confirmed as the cause (dropping it changes the sample's nearest image), and how
+    often the served top source is that image there; how often the served top is the nearest image."""
+    top = np.array([t[0] for t in served.top], dtype=np.int64)
+    attributable = np.array(served.attributable, dtype=bool)
+    methods = {"service": top, "service_attributable": np.where(attributable, top, -1),
+               "nearest_image": np.asarray(res.nn_source, dtype=np.int64),
+               "influence": np.asarray(res.top_sources[:, 0], dtype=np.int64)}
+    rates = false_attribution_rates(ens, tape, res.images, methods, x_train, draws=draws, seed=seed)
+    cause = np.array([survived is False for survived in rates["nearest_image"].survived])  # dropping it moves
+    on_top = top == res.nn_source
+    confirmed = cause & is_copy
+    return {"far": {name: r.to_json() for name, r in rates.items()}, "random_draws": draws,
+            "cause_confirmed_copies": int(confirmed.sum()),
+            "cause_on_top_rate_copies": float(on_top[confirmed].mean()) if confirmed.any() else float("nan"),
+            "cause_confirmed_rate_all": float(cause.mean()),
+            "top_is_nearest_rate_all": float(on_top.mean()),
+            "top_is_nearest_rate_copies": float(on_top[is_copy].mean()) if is_copy.any() else float("nan"),
+            "per_sample": [{"top_changes_nearest": None if s is None else not s, "nearest_is_cause": bool(c)}
+                           for s, c in zip(rates["service"].survived, cause, strict=True)]}
+
+
 def run(config: CopiesConfig, out_dir: Path, progress: ProgressFn = ignore_progress, *,
         device: torch.device | str = "cpu", log: LogFn = ignore_log) -> Report:
     """Train (or load) an item-granularity ensemble, find each sample's nearest training image and
@@ -353,6 +392,9 @@ def run(config: CopiesConfig, out_dir: Path, progress: ProgressFn = ignore_progr
         "service_default": trust_stats(default_att, res.nn_source, is_copy),
         "synthetic_only": trust_stats(syn_att, res.nn_source, is_copy),
         "shuffled_codes": trust_stats(shuffled_att, res.nn_source, is_copy)}
+    causal = causal_stats(ens, tape, res, default_att, x_train, is_copy, draws=config.far_draws,
+                          seed=config.seed)
+    trust_numbers["causal"] = causal
     if config.exact != "none":
         rows = np.arange(len(res.seeds)) if config.exact == "all" else np.flatnonzero(
             near_copies(res, config.copy_ratio))
@@ -401,14 +443,23 @@ def run(config: CopiesConfig, out_dir: Path, progress: ProgressFn = ignore_progr
                "top3_rate_copies": measured(TOP3_RATE_COPIES, default["top3_rate_copies"]),
                "attributable_copies": measured(ATTRIBUTABLE_COPIES,
                                                default["attributable_right_rate_copies"]),
-               "shuffled_attributable": SHUFFLED_ATTRIBUTABLE.outcome(control["attributable_rate_all"])}
+               "shuffled_attributable": SHUFFLED_ATTRIBUTABLE.outcome(control["attributable_rate_all"]),
+               "selective_attributable_copies": measured(SELECTIVE_ATTRIBUTABLE_COPIES,
+                                                         default["attributable_rate_copies"]),
+               "cause_on_top_copies": CAUSE_ON_TOP.outcome(causal["cause_on_top_rate_copies"])
+               if causal["cause_confirmed_copies"] else CAUSE_ON_TOP.unmeasured(),
+               "far_attributable": FAR_ATTRIBUTABLE.outcome(causal["far"]["service_attributable"]["far"])
+               if causal["far"]["service_attributable"]["far"] is not None else FAR_ATTRIBUTABLE.unmeasured()}
     headline += (f"; service default ({cfg.score}, exact top {cfg.verify_top_k}): copied image first in "
                  f"{default['top1_rate_copies']:.2f} of the near-copies, top 3 in "
                  f"{default['top3_rate_copies']:.2f}, attributable (copy on top) "
                  f"{default['attributable_right_rate_copies']:.2f}; synthetic only "
                  f"{trust_numbers['synthetic_only']['top1_rate_copies']:.2f}; shuffled codes: attributable "
                  f"{control['attributable_rate_all']:.2f} of all samples (copy first "
-                 f"{control['top1_rate_copies']:.2f})")
+                 f"{control['top1_rate_copies']:.2f}); FAR (authors') of the served top source "
+                 f"{_fmt(causal['far']['service']['far'])}, of nearest-image attribution "
+                 f"{_fmt(causal['far']['nearest_image']['far'])}, of influence "
+                 f"{_fmt(causal['far']['influence']['far'])}")
     report = Report("copy detection (paper Figure 2a)", targets, numbers, ("copies.png",), headline)
     report.write(out_dir)
     return report

@@ -51,12 +51,15 @@ class FalseAttribution:
     """FAR of one attribution method over ``samples`` samples.
 
     unchanged: samples whose nearest image survived dropping the attributed source; unchanged_random:
-    the same for the random drops (``draws`` per sample, so out of samples * draws)."""
+    the same for the random drops (``draws`` per sample, so out of samples * draws); survived: per
+    sample of the B given, whether its nearest image survived the attributed drop (None: the method
+    named no source for it)."""
 
     samples: int
     draws: int
     unchanged: int
     unchanged_random: int
+    survived: tuple[bool | None, ...] = ()
 
     @property
     def u(self) -> float:
@@ -128,8 +131,9 @@ def false_attribution_rates(ens: Ensemble, tape: NoiseTape, f: Tensor, attribute
     out = {}
     for m, v in named.items():
         counted = [b for b in range(B) if v[b] >= 0]
-        out[m] = FalseAttribution(len(counted), draws, sum(bool(survived[(b, int(v[b]))]) for b in counted),
-                                  sum(bool(survived[(b, int(s))]) for b in counted for s in rand[b]))
+        per = tuple(bool(survived[(b, int(v[b]))]) if v[b] >= 0 else None for b in range(B))
+        out[m] = FalseAttribution(len(counted), draws, sum(bool(x) for x in per),
+                                  sum(bool(survived[(b, int(s))]) for b in counted for s in rand[b]), per)
     return out
 
 

@@ -236,6 +236,9 @@ def add_validate_parsers(sub: Any) -> None:
                    help="decoy codes of the p-values (default %(default)s)")
     p.add_argument("--exact-decoys", type=int, default=_default(CopiesConfig, "exact_decoys"),
                    help="decoys also run exactly, for exact p-values (default %(default)s)")
+    p.add_argument("--far-draws", type=int, default=_default(CopiesConfig, "far_draws"),
+                   help="random training images dropped per sample for the false attribution rate's "
+                        "u_r (default %(default)s)")
 
 
 def add_operations_parsers(sub: Any) -> None:

@@ -131,7 +131,15 @@ def test_copies_report(tmp_path: Path) -> None:
         "top1_rate_copies": {"value": 0.0, "target": ">= 0.9", "met": False},
         "top3_rate_copies": {"value": pytest.approx(1 / 3), "target": ">= 0.97", "met": False},
         "attributable_copies": {"value": 0.0, "target": ">= 0.9", "met": False},
-        "shuffled_attributable": {"value": 0.0, "target": "<= 0.1", "met": True}}
+        "shuffled_attributable": {"value": 0.0, "target": "<= 0.05", "met": True},
+        "selective_attributable_copies": {"value": 0.0, "target": ">= 0.5", "met": False},
+        # no sample's nearest image is confirmed as its cause, and none is attributable: unmeasured
+        "cause_on_top_copies": {"value": None, "target": ">= 0.9", "met": None},
+        "far_attributable": {"value": None, "target": "<= 0.1", "met": None}}
+    causal = r["trust"]["causal"]
+    assert causal["cause_confirmed_copies"] == 0 and causal["far"]["service_attributable"]["samples"] == 0
+    assert {m: causal["far"][m]["samples"] for m in ("service", "nearest_image", "influence")} == {
+        "service": 3, "nearest_image": 3, "influence": 3}
     assert r["passed"] is False
     assert Image.open(tmp_path / "copies.png").size[0] > 50
     assert "exact" not in r and all("exact" not in p for p in r["per_sample"])

@@ -371,7 +371,9 @@ def test_run_returns_the_report_it_writes(tmp_path: Path) -> None:
     # the shuffled-codes control also does not find: only that target is met, and the run fails
     assert {name: (o.value, o.met) for name, o in report.targets.items()} == {
         "top1_rate_copies": (0.0, False), "top3_rate_copies": (0.0, False),
-        "attributable_copies": (0.0, False), "shuffled_attributable": (0.0, True)}
+        "attributable_copies": (0.0, False), "shuffled_attributable": (0.0, True),
+        "selective_attributable_copies": (0.0, False), "cause_on_top_copies": (None, None),
+        "far_attributable": (None, None)}
     assert report.passed is False
     trust = report.numbers["trust"]
     assert trust["score"] == "resemblance" and trust["verify_top_k"] == 30  # all 30 sources, verified
