@@ -116,6 +116,14 @@ def test_operator_pages(svc: Service) -> None:
     assert page.status_code == 200 and 'class="figure2"' in page.text
     assert page.text.count('class="rank"') >= 10
     assert page.text.count('class="named"') == 5 and "attributable" in page.text  # name_top=5
+    # the authors' measures and the catalogue figure, as the API gives them
+    att = c.get(f"/attributions/{aid}", headers=svc.op()).json()
+    assert att["causal"]["radius_over_verified"] == 2
+    assert f"Counterfactual radius {att['causal']['radius']:.3f} over the 2 works run exactly" in page.text
+    moved = att["causal"]["top_changes_nearest"]
+    assert ("changes the generation's nearest training image" in page.text) is moved
+    assert ("leaves the generation's nearest training image" in page.text) is (not moved)
+    assert "Over the whole catalogue (60 works, a stricter figure that does not decide)" in page.text
     for png in set(re.findall(r'src="(/web/[^"]+\.png)"', page.text)):
         assert c.get(png).status_code == 200, png
     # The owner-level counterfactual form: refused without its token, explained when too few remain.
