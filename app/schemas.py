@@ -453,10 +453,13 @@ class TrainOptions(_In):
     lr: float | None = Field(None, gt=0, le=1, description="Adam learning rate")
 
 
+EXPERIMENT = "which experiment (classes, fidelity, copies, canaries)"
+
+
 class _ValidationIn(_In):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of codes, training, classifier and subsets")
     samples: int | None = Field(None, ge=1, description="generated samples (default classes 1000, "
-                                "fidelity 16, copies 64); at most max_validation_samples")
+                                "fidelity 16, copies 64, canaries 64); at most max_validation_samples")
     seed_start: int = Field(0, ge=0, le=MAX_SEED_START, description="first sample seed")
     steps: int | None = Field(None, ge=1, description="sampling steps (default the ensemble's T); at most "
                               "max_steps")
@@ -475,7 +478,7 @@ _ENSEMBLE_OR_TRAIN: JsonDict = {"not": {"required": ["ensemble_id", "train"]}}
 class ClassesValidation(_ValidationIn):
     """The class-ablation control (paper Figure 1c): sources are whole classes; trains its ensemble."""
 
-    experiment: Literal["classes"] = Field(description="which experiment (classes, fidelity, copies)")
+    experiment: Literal["classes"] = Field(description=EXPERIMENT)
     exclude_classes: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^,\s]+$")]] | None = (
         Field(None, max_length=100, description="leave these classes out (paper Figure 1b: ['5', '7', '9'])"))
     classifier: ClassifierName | None = Field(None, description="the classifier (default svc)")
@@ -490,7 +493,7 @@ class FidelityValidation(_ValidationIn):
     """Synthetic vs exact influence, and a pixel-similarity baseline."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ENSEMBLE_OR_TRAIN)
-    experiment: Literal["fidelity"] = Field(description="which experiment (classes, fidelity, copies)")
+    experiment: Literal["fidelity"] = Field(description=EXPERIMENT)
     ensemble_id: int | None = Field(None, ge=1, le=MAX_ID, description="a registered ensemble, as trained "
                                     "(not with train); default: train a fresh one")
     sources: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
@@ -504,7 +507,7 @@ class CopiesValidation(_ValidationIn):
     """Copy detection on a small training set (paper Figure 2a)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ENSEMBLE_OR_TRAIN)
-    experiment: Literal["copies"] = Field(description="which experiment (classes, fidelity, copies)")
+    experiment: Literal["copies"] = Field(description=EXPERIMENT)
     ensemble_id: int | None = Field(None, ge=1, le=MAX_ID, description="a registered ensemble, as trained "
                                     "(not with train); default: train a fresh one")
     copy_ratio: float | None = Field(None, gt=0, le=10, description="near-copy threshold ratio (default 0.5)")
@@ -518,9 +521,30 @@ class CopiesValidation(_ValidationIn):
                                "10000)")
     exact_decoys: int | None = Field(None, ge=0, le=1000, description="decoys also run exactly, for exact "
                                      "p-values (default 0)")
+    far_draws: int | None = Field(None, ge=1, le=100, description="random works dropped per sample for the "
+                                  "false attribution rate's u_r (default 2)")
 
 
-ValidationRequest = ClassesValidation | FidelityValidation | CopiesValidation
+class CanariesValidation(_ValidationIn):
+    """A benchmark whose truth is known: a few works made distinctive and duplicated in their members'
+    splits; samples near one must name it, others must not. Trains its own ensemble."""
+
+    experiment: Literal["canaries"] = Field(description=EXPERIMENT)
+    canaries: int | None = Field(None, ge=1, le=10_000, description="works made canaries (default 10)")
+    duplicates: int | None = Field(None, ge=1, le=1000, description="times each canary is listed in its "
+                                   "members' splits (default 20)")
+    canary_seed: int | None = Field(None, ge=0, le=2**31 - 1, description="which works become canaries")
+    copy_ratio: float | None = Field(None, gt=0, le=10, description="near a canary: nearest training image "
+                                     "is the canary within this ratio (default 0.5)")
+    verify_top_k: int | None = Field(None, ge=0, le=1000, description="synthetic top K re-ranked by exact "
+                                     "counterfactuals (default 50)")
+    decoys: int | None = Field(None, ge=0, le=100_000, description="decoy codes of the p-values (default "
+                               "10000)")
+    far_draws: int | None = Field(None, ge=1, le=100, description="random works dropped per sample for "
+                                  "FAR's u_r (default 2)")
+
+
+ValidationRequest = ClassesValidation | FidelityValidation | CopiesValidation | CanariesValidation
 ValidationCreate = Annotated[ValidationRequest, Field(discriminator="experiment")]
 """One experiment of `attrib validate`: a worker runs its config as the CLI runs the same flags."""
 
@@ -553,14 +577,14 @@ def validation_flags(config: AnyConfig) -> list[str]:
 
 class ValidationAccepted(BaseModel):
     job_id: str = Field(description="the validation: GET /validations/{job_id} (or GET /jobs/{job_id})")
-    experiment: str = Field(description="classes, fidelity or copies")
+    experiment: str = Field(description="classes, fidelity, copies or canaries")
     url: str = Field(description="where its report will be")
 
 
 class ValidationSummary(BaseModel):
     job_id: str = Field(description="the job that runs it")
     url: str = Field(description="its report: GET /validations/{job_id}")
-    experiment: str = Field(description="classes, fidelity or copies")
+    experiment: str = Field(description="classes, fidelity, copies or canaries")
     status: Literal["queued", "running", "succeeded", "failed"] = Field(description="life cycle state")
     progress: float = Field(description="0..1")
     passed: bool | None = Field(description="whether every target of the experiment was met (once done)")

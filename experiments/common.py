@@ -167,18 +167,31 @@ class Setup:
     steps: int
 
 
+@dataclass(frozen=True)
+class Planted:
+    """Training data an experiment changed on purpose, and how many times each item is listed in
+    its members' splits (``models.train.duplicated_splits``; None: once each)."""
+
+    data: ImageDataset
+    repeats: np.ndarray | None = None
+
+
 def prepare(config: ExperimentConfig, out_dir: Path, *, granularity: str, device: torch.device,
             progress: ProgressFn, log: LogFn, codes: Literal["random", "balanced"] = "random",
-            exclude_classes: Sequence[str] = ()) -> Setup:
+            exclude_classes: Sequence[str] = (),
+            plant: Callable[[ImageDataset], Planted] | None = None) -> Setup:
     """Load the config's checkpoint (checking its granularity and data) or train an ensemble
-    into ``out_dir/ensemble.pt``; then the tape of ``config.samples`` samples from
-    ``config.seed_start`` with ``config.steps`` steps."""
+    into ``out_dir/ensemble.pt`` (on ``plant``'s data and repeats when given: only trained); then
+    the tape of ``config.samples`` samples from ``config.seed_start`` with ``config.steps`` steps."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(config.ensemble, Checkpoint):
+        if plant is not None:
+            raise ExperimentError("this validation trains its own ensemble (its training data is planted): "
+                                  "give training options, not --checkpoint")
         ens, ds, extra = _load(config.ensemble, granularity, device, exclude_classes)
     else:
         ens, ds, extra = _train(config, config.ensemble, out_dir, granularity, device, progress, log, codes,
-                                exclude_classes)
+                                exclude_classes, plant)
     try:
         steps = ens.schedule.sampling_steps(config.steps)
     except ValueError as exc:
@@ -213,8 +226,11 @@ def _load(source: Checkpoint, granularity: str, device: torch.device,
 
 def _train(config: ExperimentConfig, options: Training, out_dir: Path, granularity: str,
            device: torch.device, progress: ProgressFn, log: LogFn, codes: Literal["random", "balanced"],
-           exclude_classes: Sequence[str]) -> tuple[Ensemble, ImageDataset, dict[str, Any]]:
+           exclude_classes: Sequence[str], plant: Callable[[ImageDataset], Planted] | None = None
+           ) -> tuple[Ensemble, ImageDataset, dict[str, Any]]:
     ds = without_classes(load_data(options.data, options.subset, options.subset_seed), exclude_classes)
+    planted = Planted(ds) if plant is None else plant(ds)
+    ds = planted.data
     if granularity == "class" and ds.labels is None:
         raise ExperimentError(f"--data {options.data!r} has no labels; the class control needs them")
     spec = TrainSpec(data=options.data, subset=options.subset, subset_seed=options.subset_seed,
@@ -232,7 +248,7 @@ def _train(config: ExperimentConfig, options: Training, out_dir: Path, granulari
     ens.net.to(device)
     out = out_dir / "ensemble.pt"
     t0 = time.perf_counter()
-    train(ens, ds.to_tensor(), cfg, checkpoint=out,
+    train(ens, ds.to_tensor(), cfg, checkpoint=out, repeats=planted.repeats,
           progress=lambda step, losses: progress("train", step, cfg.steps))
     return ens.for_inference(device), ds, {"checkpoint": str(out), "trained_steps": cfg.steps,
                                            "train_seconds": round(time.perf_counter() - t0, 1)}

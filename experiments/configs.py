@@ -162,9 +162,30 @@ class CopiesConfig(ExperimentConfig):
         return stages if self.exact != "none" else stages[:-1]
 
 
-AnyConfig = ClassesConfig | FidelityConfig | CopiesConfig
+class CanariesConfig(ExperimentConfig):
+    """`attrib validate canaries`: a benchmark whose truth is known. ``canaries`` works of the
+    training set (chosen by ``canary_seed``) are made distinctive (their image inverted) and listed
+    ``duplicates`` times in their members' splits (heavily duplicated works are what diffusion
+    models memorise); the rest stay ordinary. It trains its own ensemble (the canaries are part of
+    its training data)."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("jacobian", "trust", "causal")
+
+    experiment: Literal["canaries"] = "canaries"
+    ensemble: Checkpoint | Training = Training(subset=300, train_steps=3000)
+    samples: PositiveInt = 64
+    canaries: PositiveInt = 10
+    duplicates: PositiveInt = 20
+    canary_seed: NonNegativeInt = 0
+    copy_ratio: PositiveFloat = 0.5
+    verify_top_k: NonNegativeInt = 50
+    decoys: NonNegativeInt = DECOYS
+    far_draws: PositiveInt = 2
+
+
+AnyConfig = ClassesConfig | FidelityConfig | CopiesConfig | CanariesConfig
 Config = Annotated[AnyConfig, Field(discriminator="experiment")]
 """The config of any experiment, told apart by its ``experiment`` field (for pydantic)."""
 
 CONFIGS: dict[str, type[AnyConfig]] = {"classes": ClassesConfig, "fidelity": FidelityConfig,
-                                              "copies": CopiesConfig}
+                                              "copies": CopiesConfig, "canaries": CanariesConfig}

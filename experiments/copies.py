@@ -341,17 +341,19 @@ def _fmt(value: float | None) -> str:
 
 
 def causal_stats(ens: Ensemble, tape: NoiseTape, res: CopyDetection, served: Attributed, x_train: Tensor,
-                 is_copy: np.ndarray, *, draws: int, seed: int) -> dict[str, Any]:
+                 is_copy: np.ndarray, *, draws: int, seed: int,
+                 more: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """The authors' measures on these samples, from exact counterfactuals: FAR (``models.causality``)
     of the served top source (on all samples, and on those called attributable), of nearest-image
     attribution and of the paper's influence ranking, with the same random drops; which near-copies'
     nearest image is confirmed as the cause (dropping it changes the sample's nearest image), and how
-    often the served top source is that image there; how often the served top is the nearest image."""
+    often the served top source is that image there; how often the served top is the nearest image.
+    more: further methods (name -> (B,) sources, -1 for none) measured on the same random drops."""
     top = np.array([t[0] for t in served.top], dtype=np.int64)
     attributable = np.array(served.attributable, dtype=bool)
     methods = {"service": top, "service_attributable": np.where(attributable, top, -1),
                "nearest_image": np.asarray(res.nn_source, dtype=np.int64),
-               "influence": np.asarray(res.top_sources[:, 0], dtype=np.int64)}
+               "influence": np.asarray(res.top_sources[:, 0], dtype=np.int64), **(more or {})}
     rates = false_attribution_rates(ens, tape, res.images, methods, x_train, draws=draws, seed=seed)
     cause = np.array([survived is False for survived in rates["nearest_image"].survived])  # dropping it moves
     on_top = top == res.nn_source

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -213,17 +214,33 @@ def fit(net: WideUNet, schedule: NoiseSchedule, splits: Sequence[Tensor], x_all:
     return snapshot()
 
 
+def duplicated_splits(splits: Sequence[np.ndarray], repeats: np.ndarray) -> list[np.ndarray]:
+    """Each member's split with item i listed ``repeats[i]`` times (>= 1): drawn that many times as
+    often as an item listed once, and still only by the members whose code has it (Definition 1
+    holds: removing them removes it). repeats: (N,) int."""
+    if repeats.ndim != 1 or (repeats < 1).any():
+        raise ValueError("repeats must be one count >= 1 per item")
+    return [np.repeat(s, repeats[s]) for s in splits]
+
+
 def train(ens: Ensemble, x_all: Tensor, cfg: TrainConfig, *, checkpoint: str | Path | None = None,
-          progress: ProgressFn | None = None) -> Ensemble:
+          progress: ProgressFn | None = None, repeats: np.ndarray | None = None) -> Ensemble:
     """Train (or resume training) ``ens`` in place up to ``cfg.steps`` total steps, each member
     on its split of the code book (``fit``), from ``ens.train_state`` when present.
 
     Saves to ``checkpoint`` every ``cfg.checkpoint_every`` steps, at the end, and on
     interruption (KeyboardInterrupt), then re-raises.
 
-    x_all: (N, C, H, W) float in [-1, 1], the training items (CPU).
+    x_all: (N, C, H, W) float in [-1, 1], the training items (CPU); repeats: (N,) how many times
+    each item is listed in its members' splits (``duplicated_splits``; None: once each). A resumed
+    training must be given the same repeats.
     """
-    splits = [torch.from_numpy(s) for s in ens.codebook.member_items()]
+    member_items = ens.codebook.member_items()
+    if repeats is not None:
+        if len(repeats) != x_all.shape[0]:
+            raise ValueError(f"repeats has {len(repeats)} counts for {x_all.shape[0]} items")
+        member_items = duplicated_splits(member_items, np.asarray(repeats, dtype=np.int64))
+    splits = [torch.from_numpy(s) for s in member_items]
     save: SaveFn | None = None
     if checkpoint is not None:
         path = checkpoint

@@ -16,6 +16,7 @@ from app.cli.common import DEFAULT_CKPT, add_device_flag, add_json_flag, positiv
 from app.queue import parse_queues
 from experiments.configs import (
     CLASSIFIERS,
+    CanariesConfig,
     ClassesConfig,
     CopiesConfig,
     ExperimentConfig,
@@ -135,7 +136,7 @@ def add_engine_parsers(sub: Any) -> None:
 
 def add_validate_parsers(sub: Any) -> None:
     """Register `validate` with its sub-commands on the `attrib` sub-parser set ``sub``."""
-    v = sub.add_parser("validate", help="acceptance experiments: class control, fidelity, copies",
+    v = sub.add_parser("validate", help="acceptance experiments: class control, fidelity, copies, canaries",
                        description="Validation experiments. Each writes report.json and PNG "
                                    "figures into --out DIR. The service runs the same as jobs: "
                                    "POST /validations.")
@@ -239,6 +240,29 @@ def add_validate_parsers(sub: Any) -> None:
     p.add_argument("--far-draws", type=int, default=_default(CopiesConfig, "far_draws"),
                    help="random training images dropped per sample for the false attribution rate's "
                         "u_r (default %(default)s)")
+
+    k = vs.add_parser("canaries", help="a benchmark whose truth is known: planted, duplicated works",
+                      description="A few works are made distinctive (inverted) and duplicated in their "
+                                  "members' splits; samples near one must name it (first, attributable, "
+                                  "causally by the authors' FAR), other samples must not name a canary, "
+                                  "and with the codes shuffled nothing may be attributable. Trains its own "
+                                  "ensemble.")
+    common(k, CanariesConfig)
+    k.add_argument("--canaries", type=int, default=_default(CanariesConfig, "canaries"),
+                   help="works made canaries (default %(default)s)")
+    k.add_argument("--duplicates", type=int, default=_default(CanariesConfig, "duplicates"),
+                   help="times each canary is listed in its members' splits (default %(default)s)")
+    k.add_argument("--canary-seed", type=int, default=_default(CanariesConfig, "canary_seed"),
+                   help="which works become canaries")
+    k.add_argument("--copy-ratio", type=float, default=_default(CanariesConfig, "copy_ratio"),
+                   help="near a canary: nearest training image is the canary, within this times the "
+                        "training set's median nearest-neighbour distance")
+    k.add_argument("--verify-top-k", type=int, default=_default(CanariesConfig, "verify_top_k"),
+                   help="synthetic top K re-ranked exactly (default %(default)s, the service's)")
+    k.add_argument("--decoys", type=int, default=_default(CanariesConfig, "decoys"),
+                   help="decoy codes of the p-values (default %(default)s)")
+    k.add_argument("--far-draws", type=int, default=_default(CanariesConfig, "far_draws"),
+                   help="random works dropped per sample for FAR's u_r (default %(default)s)")
 
 
 def add_operations_parsers(sub: Any) -> None:

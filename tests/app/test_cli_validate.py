@@ -234,3 +234,52 @@ def test_validators_take_npz_data(tmp_path: Path) -> None:
                  "--samples", "2", *TINY]) == 0
     r = _report(out)
     assert r["ensemble"]["dataset"] == "small" and r["ensemble"]["items"] == 30
+
+
+def test_canaries_plant_inverted_duplicated_works() -> None:
+    from experiments.canaries import canary_items, plant_canaries
+    from models.data import load_digits
+
+    ds = load_digits().subset(np.arange(30))
+    items = canary_items(ds.N, 3, seed=4)
+    assert items.tolist() == sorted(np.random.default_rng(4).choice(30, 3, replace=False).tolist())
+    planted = plant_canaries(ds, items, duplicates=7)
+    ordinary = np.setdiff1d(np.arange(30), items)
+    assert np.array_equal(planted.data.images[items], 255 - ds.images[items])
+    assert np.array_equal(planted.data.images[ordinary], ds.images[ordinary])
+    assert planted.repeats is not None and planted.repeats[items].tolist() == [7, 7, 7]
+    assert set(planted.repeats[ordinary].tolist()) == {1}
+    assert [planted.data.refs[i] for i in items] == [f"canary:{ds.refs[i]}" for i in items]
+    assert planted.data.fingerprint() != ds.fingerprint()
+    with pytest.raises(ValueError, match="--canaries 30 leaves no ordinary work among 30"):
+        canary_items(30, 30, seed=0)
+
+
+def test_canaries_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CPU smoke path: a tiny ensemble trained 6 steps copies nothing, so no sample comes near a
+    canary -- the near-canary targets measure nothing (NaN: not met) and the run fails -- and
+    nothing is named or attributable; every number of the report is there."""
+    rc = main(["validate", "canaries", "--out", str(tmp_path), "--subset", "40", "--samples", "4",
+               "--canaries", "3", "--duplicates", "5", *TINY])
+    assert rc == 0
+    r = _report(tmp_path)
+    assert r["ensemble"]["items"] == 40 and r["ensemble"]["dataset"] == "digits+canaries"
+    assert len(r["canaries"]) == 3 and all(c.startswith("canary:digits:") for c in r["canaries"])
+    assert (r["n_near_canary"], r["n_other"], r["duplicates"]) == (0, 4, 5)
+    assert [p["near_canary"] for p in r["per_sample"]] == [False] * 4
+    targets = {name: (t["value"], t["met"]) for name, t in r["targets"].items()}
+    assert set(targets) == {"top1_near_canary", "attributable_near_canary", "far_near_canary",
+                            "canary_named_elsewhere", "shuffled_attributable"}
+    for name in ("top1_near_canary", "attributable_near_canary", "far_near_canary"):
+        assert targets[name][1] is False  # measured nothing: NaN never meets
+    assert targets["canary_named_elsewhere"] == (0.0, True)
+    assert targets["shuffled_attributable"] == (0.0, True)
+    assert r["passed"] is False
+    assert r["causal"]["far"]["service_near_canary"]["samples"] == 0
+    # the checkpoint of a planted run cannot be reused: its data is planted by the run itself
+    rc = main(["validate", "canaries", "--out", str(tmp_path / "again"), "--checkpoint",
+               str(tmp_path / "ensemble.pt"), "--device", "cpu"])
+    assert rc == 2 and "trains its own ensemble" in capsys.readouterr().err
+    rc = main(["validate", "canaries", "--out", str(tmp_path / "all"), "--subset", "40", "--canaries", "40",
+               *TINY])
+    assert rc == 2 and "--canaries 40 leaves no ordinary work among 40" in capsys.readouterr().err

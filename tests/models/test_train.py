@@ -162,3 +162,35 @@ def test_training_lowers_the_loss(tiny_data: TinyData, tiny_ensemble: Ensemble) 
         trained = member_losses(tiny_ensemble.net, tiny_ensemble.schedule, b)
         untrained = member_losses(fresh, tiny_ensemble.schedule, b)
     assert float(trained.mean()) < float(untrained.mean())
+
+
+def test_a_duplicated_work_is_drawn_more_often_and_only_by_its_members(tiny_data: TinyData) -> None:
+    """repeats lists work 5 four times in its members' splits: those members draw it about four
+    times as often as before, and the members whose code lacks it train exactly as without repeats
+    (their splits, and the shared generator's draws, are the same)."""
+    from models.train import duplicated_splits
+    from tests.conftest import make_tiny_ensemble
+
+    book = make_tiny_ensemble(tiny_data).codebook
+    repeats = np.ones(tiny_data.info.num_items, dtype=np.int64)
+    repeats[5] = 4
+    plain, dup = book.member_items(), duplicated_splits(book.member_items(), repeats)
+    has = book.bits()[book.item_source[5]].astype(bool)
+    for i in range(book.n):
+        assert (np.count_nonzero(dup[i] == 5), len(dup[i])) == ((4, len(plain[i]) + 3) if has[i]
+                                                                 else (0, len(plain[i])))
+    cfg = TrainConfig(6, 8, 2e-3, seed=0)
+    a, b = make_tiny_ensemble(tiny_data), make_tiny_ensemble(tiny_data)
+    train(a, tiny_data.x, cfg)
+    train(b, tiny_data.x, cfg, repeats=repeats)
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    from models.unet import member_state
+
+    for i in range(book.n):
+        pairs = zip(member_state(sa, i).values(), member_state(sb, i).values(), strict=True)
+        same = all(torch.equal(x, y) for x, y in pairs)
+        assert same is (not has[i]), i
+    with pytest.raises(ValueError, match="one count >= 1 per item"):
+        duplicated_splits(plain, np.zeros(tiny_data.info.num_items, dtype=np.int64))
+    with pytest.raises(ValueError, match="repeats has 3 counts for 60 items"):
+        train(a, tiny_data.x, cfg, repeats=np.ones(3, dtype=np.int64))

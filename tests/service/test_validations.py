@@ -91,6 +91,29 @@ def test_copies_job_runs_what_the_cli_runs(svc: Service, tmp_path: Path,
     assert comparable(cli) == comparable(rep)
 
 
+def test_canaries_job_runs_what_the_cli_runs(svc: Service, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The canaries benchmark as a service validation: its flags, its report, the CLI's same report;
+    an ensemble_id is refused (it trains its own, on planted data)."""
+    body = {"experiment": "canaries", "samples": 3, "steps": 4, "canaries": 2, "duplicates": 4,
+            "train": {"subset": 30, **TINY_TRAIN}}
+    acc = post(svc, body)
+    v = get(svc, acc["job_id"])
+    assert v["options"] == ["--canaries", "2", "--duplicates", "4", "--samples", "3", "--steps", "4",
+                            "--n", "8", "--preset", "tiny", "--subset", "30", "--train-steps", "6"]
+    assert svc.run_jobs() == ["succeeded"]
+    rep = get(svc, acc["job_id"])["report"]
+    assert rep["experiment"].startswith("canaries") and len(rep["canaries"]) == 2 and rep["samples"] == 3
+    assert set(rep["targets"]) == {"top1_near_canary", "attributable_near_canary", "far_near_canary",
+                                   "canary_named_elsewhere", "shuffled_attributable"}
+    out = tmp_path / "cli"
+    assert main(["validate", "canaries", "--out", str(out), "--device", "cpu", "--json", *v["options"]]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert comparable(cli) == comparable(rep)
+    r = svc.client.post("/validations", json={"experiment": "canaries", "ensemble_id": 1}, headers=svc.op())
+    assert r.status_code == 422 and "ensemble_id" in r.text
+
+
 def test_fidelity_on_a_registered_ensemble(svc: Service, cli_ckpt: Path) -> None:
     """An ensemble trained by `attrib train` (its checkpoint names its data), imported and registered."""
     with svc.db.session() as s:
