@@ -347,8 +347,10 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
             else:
                 pvalues.append(torch.full((len(idx),), float("nan"), dtype=torch.float64))
                 tails.append(torch.full((len(idx),), float("nan"), dtype=torch.float64))
-    dW_cand = torch.stack([delta_w(bits[idx].to(J.device), book.k, served=served) for idx in cand_idx])
-    preds = predicted_counterfactuals(f, J, dW_cand).clamp(-1, 1)  # (B, R, C, H, W)
+    # one sample at a time: the selective test's candidates make each sample's list its own length
+    preds = [predicted_counterfactuals(f[b : b + 1], J[b : b + 1],
+                                       delta_w(bits[idx].to(J.device), book.k, served=served)[None])
+             .clamp(-1, 1)[0] for b, idx in enumerate(cand_idx)]  # B x (R_b, C, H, W)
 
     results = []
     for b in range(f.shape[0]):

@@ -91,3 +91,36 @@ def test_a_named_candidate_ranks_first_and_only_it_is_named(
     assert res.ranking[0].source == third.source and torch.equal(res.counterfactuals[0], cf)
     assert [out.names(e) for e in res.ranking] == [True, False, False, False, False]
     assert out.to_json()["named_source"] == third.source and out.to_json()["test"] == "selective"
+
+
+def test_candidates_outside_the_screen_are_ranked_with_their_counterfactuals() -> None:
+    """150 works: the synthetic screen keeps 100 (P_SCREEN), and a candidate nearest the sample
+    but outside it joins the ranking, so samples' lists differ in length; each ranked work's
+    predicted counterfactual is f + J dw of its own code."""
+    from models.ablation import delta_w
+    from models.data import load_digits
+    from models.ensemble import DatasetInfo
+    from models.scores import P_SCREEN
+
+    ds = load_digits().subset(np.arange(150))
+    book = make_codebook(ds.N, 12, 6, seed=0)
+    ens = Ensemble.create(PRESETS["tiny"], book, DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape),
+                          seed=0).for_inference()
+    x = ds.to_tensor()
+    seeds = list(range(6))
+    tape = make_tape(seeds, ens.shape, STEPS)
+    f, J = jacobian(ens.net, ens.schedule, tape)
+    results = rank_sources(ens, seeds, f, J, AttributionConfig(top_k=5), images=x)
+    lengths = [len(r.ranking) for r in results]
+    assert min(lengths) >= P_SCREEN and max(lengths) > P_SCREEN  # some candidate lay outside the screen
+    bits = torch.from_numpy(book.bits())
+    for b, res in enumerate(results):
+        sig = res.significance
+        assert sig is not None
+        ranked = [e.source for e in res.ranking]
+        assert all(c.source in ranked for c in sig.candidates)
+        assert res.counterfactuals.shape[0] == len(ranked)
+        j = ranked.index(sig.candidates[0].source)
+        dw = delta_w(bits[[sig.candidates[0].source]], book.k)[0]
+        want = (f[b].double().flatten() + J[b].double() @ dw).clamp(-1, 1).reshape(f[b].shape)
+        assert torch.allclose(res.counterfactuals[j].double(), want, atol=1e-5)
