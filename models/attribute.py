@@ -375,7 +375,7 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
                                if (p := by_source[int(s)].p_value) is not None)
             sig = _untested(cfg, decoys, candidates)  # decided by conclude
             named = _named(sig)
-            if named is not None:  # the ranking follows the evidence: verified first, first after
+            if named is not None:  # the ranking follows the evidence: first, so verify runs it exactly
                 first = next(j for j in order if entries[j].source == named)
                 order = [first] + [j for j in order if j != first]
         res = SampleAttribution(seeds[b], f[b], G[b], [entries[j] for j in order], preds[b][order])
