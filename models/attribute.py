@@ -175,8 +175,8 @@ class Significance:
     p-value is a fair draw under the null -- unlike the synthetic top's, which the codes chose
     (the maximum of many). Each is tested against the decoys with an empirical p-value,
     (1 + #decoys at least as high) / (1 + M), Bonferroni over them: the sample is attributable
-    when the best has p <= alpha / tested (tested = len(candidates)); that work is ``named`` and
-    ranks first. reason: why not, when not attributable.
+    when the best has p <= alpha / tested (tested = len(candidates)); the nearest of those that
+    survive is ``named`` and ranks first. reason: why not, when not attributable.
 
     The catalogue test stays as a second, stricter figure, never deciding: the ranking's top
     source against alpha / catalogue_sources (every source ranked), with ``catalogue_method``
@@ -394,12 +394,14 @@ def _nearest_positions(distance: Tensor, r: Tensor, m: int) -> Tensor:
 
 
 def _named(sig: Significance) -> int | None:
-    """The candidate the selective test names: the lowest p (the nearer on ties) when it survives
-    alpha / len(candidates); else None."""
-    if not sig.candidates or sig.decoys == 0:
+    """The candidate the selective test names: the nearest of those whose p survives
+    alpha / len(candidates) (the test itself -- does any survive -- is Bonferroni's; which survivor
+    is the work is a question of content, and the copies validation measured the nearest survivor
+    the cause more often than the lowest p); None when none survives."""
+    if sig.decoys == 0:
         return None
-    best = min(sig.candidates, key=lambda c: (c.p, c.distance))
-    return best.source if best.p <= sig.threshold else None
+    survivors = [c for c in sig.candidates if c.p <= sig.threshold]
+    return min(survivors, key=lambda c: c.distance).source if survivors else None
 
 
 def _null(terms: ImageTerms, G: Tensor, decoys: _Decoys, idx: Tensor, item_source: np.ndarray) -> Tensor:
