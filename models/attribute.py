@@ -29,7 +29,7 @@ from models.ablation import (
     predicted_counterfactuals,
     rank_codes,
 )
-from models.causality import counterfactual_radius
+from models.causality import counterfactual_radius, nearest_item
 from models.codes import unpack_bits
 from models.copies import COPY_RATIO, CopyCheck, copy_check, nearest_neighbour_median
 from models.distances import LPIPSMetric, l2_distance
@@ -240,6 +240,9 @@ class SampleAttribution:
     exact: list[bool] = field(default_factory=list)  # per ranked source: its counterfactual is exact
     radius: float | None = None  # the authors' counterfactual radius over the sources run exactly
     radius_over: int = 0  # how many sources that is (models.causality)
+    # whether dropping the nearest candidate (the work of the sample's nearest image) changes the
+    # sample's nearest training image, by its exact counterfactual (None: not run exactly)
+    nearest_confirmed: bool | None = None
 
 
 def attribute(ens: Ensemble, tape: NoiseTape, cfg: AttributionConfig,
@@ -374,15 +377,36 @@ def rank_sources(ens: Ensemble, seeds: Sequence[int], f: Tensor, J: Tensor, cfg:
                                for s in nearest_sources[b].tolist()
                                if (p := by_source[int(s)].p_value) is not None)
             sig = _untested(cfg, decoys, candidates)  # decided by conclude
-            named = _named(sig)
-            if named is not None:  # the ranking follows the evidence: first, so verify runs it exactly
-                first = next(j for j in order if entries[j].source == named)
-                order = [first] + [j for j in order if j != first]
+            # the nearest work's exact run is evidence about content: resemblance rankings only
+            nearest = candidates[0].source if candidates and cfg.score == "resemblance" else None
+            order = _evidence_order(order, [e.source for e in entries], _named(sig), nearest,
+                                    cfg.verify_top_k)
         res = SampleAttribution(seeds[b], f[b], G[b], [entries[j] for j in order], preds[b][order])
         res.exact = [False] * len(order)
         res.significance = sig
         results.append(res)
     return results
+
+
+def _evidence_order(order: list[int], sources: list[int], named: int | None, nearest: int | None,
+                    verified: int) -> list[int]:
+    """The ranking follows the evidence: the named work first; the nearest candidate moved up into
+    the last of the ``verified`` first places if it is not among them (verify runs it exactly, and
+    conclude puts it first when that run confirms it as the cause) -- never over the screen's top
+    or the named work, so with fewer than two verified places it stays; the rest in their order."""
+    def at(source: int) -> int:
+        return next(j for j in order if sources[j] == source)
+
+    if named is not None:
+        first = at(named)
+        order = [first] + [j for j in order if j != first]
+    slot = verified - 1  # the last verified place; the first stays the screen's (or the named work)
+    if nearest is not None and slot >= 1:
+        j = at(nearest)
+        if order.index(j) > slot:
+            rest = [i for i in order if i != j]
+            order = [*rest[:slot], j, *rest[slot:]]
+    return order
 
 
 def _nearest_positions(distance: Tensor, r: Tensor, m: int) -> Tensor:
@@ -443,12 +467,17 @@ def _move_first(res: SampleAttribution, source: int) -> None:
 
 
 def conclude(res: SampleAttribution, cfg: AttributionConfig) -> None:
-    """Decide the selective test, put the work it names first, cut the ranking to top_k and give
-    the catalogue test's figure (``Significance``)."""
+    """Decide the selective test, put the work the evidence names first, cut the ranking to top_k
+    and give the catalogue test's figure (``Significance``). The evidence: the work the test names;
+    else the nearest candidate when its exact counterfactual confirms it as the cause (dropping it
+    changes the sample's nearest image, ``nearest_confirmed``: not a significance test -- a random
+    drop does that too, often -- so it orders the ranking and never makes it attributable)."""
     sig = res.significance
     named = None if sig is None else _named(sig)
     if named is not None:
         _move_first(res, named)
+    elif sig is not None and sig.candidates and res.nearest_confirmed and cfg.score == "resemblance":
+        _move_first(res, sig.candidates[0].source)  # no work named, but the exact run names the cause
     k = min(cfg.top_k, len(res.ranking))
     res.ranking, res.counterfactuals, res.exact = res.ranking[:k], res.counterfactuals[:k], res.exact[:k]
     if res.exact_counterfactuals is not None:
@@ -605,6 +634,22 @@ def verify(ens: Ensemble, tape: NoiseTape, results: list[SampleAttribution],
         res.counterfactuals = torch.cat([exact[b][order].to(res.counterfactuals.dtype).cpu().clamp(-1, 1),
                                          res.counterfactuals[K:]])
         res.exact = [True] * K + [False] * len(rest)
+        if images is not None and res.significance is not None and res.significance.candidates:
+            res.nearest_confirmed = _nearest_confirmed(res, images, book.item_source)
+
+
+def _nearest_confirmed(res: SampleAttribution, images: TrainingImages,
+                       item_source: np.ndarray) -> bool | None:
+    """The authors' test on the nearest candidate: its verified exact counterfactual's nearest
+    training image is not the sample's (None when it was not verified)."""
+    assert res.significance is not None and res.exact_counterfactuals is not None
+    source = res.significance.candidates[0].source
+    verified = res.ranking[: res.exact_counterfactuals.shape[0]]
+    j = next((i for i, e in enumerate(verified) if e.source == source), None)
+    if j is None:
+        return None
+    before, after = nearest_item(torch.stack([res.image, res.exact_counterfactuals[j]]), images)
+    return bool(item_source[after] != item_source[before])
 
 
 def _exact_resemblance(counterfactuals: Tensor, f: Tensor, images: TrainingImages, item_source: np.ndarray,

@@ -126,3 +126,56 @@ def test_candidates_outside_the_screen_are_ranked_with_their_counterfactuals() -
         dw = delta_w(bits[[sig.candidates[0].source]], book.k)[0]
         want = (f[b].double().flatten() + J[b].double() @ dw).clamp(-1, 1).reshape(f[b].shape)
         assert torch.allclose(res.counterfactuals[j].double(), want, atol=1e-5)
+
+
+def test_the_evidence_orders_the_ranking() -> None:
+    from models.attribute import _evidence_order
+
+    order, sources = [0, 1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15]
+    assert _evidence_order(order, sources, None, 15, 3) == [0, 1, 5, 2, 3, 4]  # into the last verified place
+    assert _evidence_order(order, sources, None, 11, 3) == order  # verified already
+    assert _evidence_order(order, sources, 14, 15, 3) == [4, 0, 5, 1, 2, 3]  # the named first
+    assert _evidence_order(order, sources, 14, 15, 1) == [4, 0, 1, 2, 3, 5]  # one verified place: the named's
+    assert _evidence_order(order, sources, None, 15, 1) == order  # ... or the screen's top
+    assert _evidence_order(order, sources, None, 15, 0) == order  # nothing verified: nothing moves
+    assert _evidence_order(order, sources, None, None, 3) == order
+
+
+def test_an_exactly_confirmed_nearest_work_ranks_first_when_none_is_named(
+        wide_null: tuple[Ensemble, list[SampleAttribution]], tiny_data: TinyData) -> None:
+    """verify runs the nearest candidate exactly (rank_sources moved it into the verified places) and
+    says whether dropping it changes the sample's nearest image (against a brute-force rerun); when
+    it does and no work is named, conclude puts it first -- without calling the sample attributable;
+    a named work stays first."""
+    from models.ablation import ablation_weights
+    from models.attribute import verify
+    from models.sampler import sample
+
+    ens, _ = wide_null
+    seeds = list(range(N_SAMPLES))
+    tape = make_tape(seeds, ens.shape, STEPS)
+    f, J = jacobian(ens.net, ens.schedule, tape)
+    cfg = AttributionConfig(top_k=5, verify_top_k=3)
+    results = rank_sources(ens, seeds, f, J, cfg, images=tiny_data.x)
+    verify(ens, tape, results, cfg, images=tiny_data.x)
+    data = tiny_data.x.double().flatten(1)
+    bits = torch.from_numpy(ens.codebook.bits())
+    confirmed = []
+    for b, res in enumerate(results):
+        sig = res.significance
+        assert sig is not None
+        named = next((c.source for c in sig.candidates if c.p <= sig.threshold), None)  # the nearest survivor
+        nearest = sig.candidates[0].source
+        assert nearest in [e.source for e in res.ranking[:3]]
+        w = ablation_weights(bits[[nearest]], ens.k)[0]
+        cf = sample(ens.net, ens.schedule, make_tape([seeds[b]], ens.shape, STEPS), w)[0]
+        want = int(torch.argmin((data - cf.double().flatten()).norm(dim=1))) != nearest
+        assert res.nearest_confirmed is want, b
+        confirmed.append(want)
+        conclude(res, cfg)
+        assert res.significance is not None and res.significance.attributable is (named is not None)
+        if named is not None:
+            assert res.ranking[0].source == named
+        elif want:
+            assert res.ranking[0].source == nearest
+    assert 0 < sum(confirmed) < len(confirmed)  # both cases occur on these seeds
