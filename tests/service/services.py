@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,17 @@ def fresh_postgres() -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def empty_database(kind: str, folder: Path) -> Iterator[str]:
+    """The URL of an empty database of ``kind`` ("sqlite": a file in ``folder``; "postgres": a new
+    database on the test server, dropped afterwards)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'empty.db'}"
+    else:
+        with fresh_postgres() as url:
+            yield url
 
 
 def redis_url(db: int = 7) -> str:

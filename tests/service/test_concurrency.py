@@ -24,7 +24,7 @@ from app.queue import make_celery
 from app.settings import Settings
 from app.writer import Tx, Writer
 from tests.service.conftest import Backend, Service
-from tests.service.services import fresh_postgres
+from tests.service.services import empty_database
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -38,12 +38,9 @@ def svc(request: pytest.FixtureRequest, make_service: Callable[..., Service]) ->
 
 @pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'w.db'}"
-    else:
-        with fresh_postgres() as pg:
-            yield pg
+    """An empty database of each kind the service runs on."""
+    with empty_database(request.param, tmp_path) as url:
+        yield url
 
 
 def _writer(tmp_path: Path, url: str, create: bool = True) -> Writer:

@@ -33,17 +33,14 @@ from sqlalchemy.exc import IntegrityError
 from app import migrate
 from app.db import make_engine
 from app.orm import Base
-from tests.service.services import fresh_postgres
+from tests.service.services import empty_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database of each kind the service runs on."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        with fresh_postgres() as pg:
-            yield pg
+    with empty_database(request.param, tmp_path) as url:
+        yield url
 
 
 def test_roundtrip(url: str) -> None:
