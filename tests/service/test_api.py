@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -655,7 +656,7 @@ def test_lost_jobs_are_resent_and_dead_workers_bounded(make_service: Callable[..
 
     from app import jobs
     from app.orm import utcnow
-    from app.queue import INTERACTIVE
+    from app.queue import INTERACTIVE, broker_depth
     from worker.tasks import execute_job
 
     svc = make_service(requeue_after_s=30, stale_after_s=60, job_max_attempts=2)
@@ -665,8 +666,16 @@ def test_lost_jobs_are_resent_and_dead_workers_bounded(make_service: Callable[..
         with celery.connection_for_write() as conn:
             conn.default_channel.queue_purge(INTERACTIVE)
 
+    def published(count: int) -> None:
+        """Wait for the writer's publish: it runs right after the answer, on the app's loop."""
+        deadline = time.monotonic() + 30
+        while broker_depth(celery, INTERACTIVE) < count:
+            assert time.monotonic() < deadline, "the job's message was never published"
+            time.sleep(0.01)
+
     broker_loses_everything()
     jid = generate(svc, [0])["job_id"]
+    published(1)
     t0 = utcnow()
     assert jobs.requeue_lost(svc.db, celery, svc.settings, t0 + timedelta(hours=1)) == []  # waiting: not lost
     broker_loses_everything()
@@ -677,6 +686,7 @@ def test_lost_jobs_are_resent_and_dead_workers_bounded(make_service: Callable[..
     assert execute_job(jid, svc.worker) == "succeeded"
     # A worker that took a job and died mid-way: re-sent once when stale, not every sweep.
     jid = generate(svc, [1])["job_id"]
+    published(1)
     assert jobs.claim(svc.db, jid, "dead:1", svc.settings) is not None
     broker_loses_everything()  # (the message that worker took)
     t1 = utcnow()
