@@ -359,7 +359,7 @@ def _write_attribution(db: Database, le: LoadedEnsemble, attribution_id: int, jo
         att.status, att.finished_at, att.agreement = "succeeded", utcnow(), agreement
         att.attributable = None if sig is None else sig.attributable
         att.significance = None if sig is None else _significance_json(le, sig)
-        nearest = [int(le.item_of_source[le.ens.codebook.item_source[int(i)]]) for i in check.items]
+        nearest = [_item_of_index(le, i) for i in check.items]
         top_cf = exact[0] if exact is not None and res.exact and res.exact[0] else None
         causal = causal_measures(res.image, top_cf, res.radius, res.radius_over, images,
                                  nearest=int(check.items[0]))
