@@ -30,7 +30,7 @@ import torch
 from experiments import run as run_experiment
 from experiments.configs import Checkpoint, CopiesConfig
 from models.codes import default_k, make_codebook
-from models.data import load_data
+from models.data import ImageDataset, load_data
 from models.ensemble import PRESETS, DatasetInfo, Ensemble
 from models.train import TrainConfig, train
 from models.unet import UNetConfig, num_parameters
@@ -85,9 +85,9 @@ def unet_of(width: int, shape: tuple[int, int, int], smoke: bool) -> UNetConfig:
                       paper.heads)
 
 
-def fresh(args: argparse.Namespace, width: int) -> Ensemble:
-    """A new ensemble at ``width``; its DatasetInfo records the data spec, so the copies run reloads it."""
-    ds = load_data(args.data, args.subset, 0)
+def fresh(args: argparse.Namespace, ds: ImageDataset, width: int) -> Ensemble:
+    """A new ensemble at ``width`` on ``ds``; its DatasetInfo records the data spec, so the copies run
+    reloads it."""
     book = make_codebook(ds.N, args.n, default_k(args.n), seed=args.seed)
     info = DatasetInfo(ds.name, ds.fingerprint(), ds.N, ds.shape, args.data, args.subset, 0)
     return Ensemble.create(PRESETS["paper"], book, info, seed=args.seed, unet=unet_of(width, ds.shape,
@@ -105,12 +105,13 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    x = load_data(args.data, args.subset, 0).to_tensor()
+    ds = load_data(args.data, args.subset, 0)
+    x = ds.to_tensor()
     probes: list[dict[str, Any]] = []
     chosen: tuple[int, float] | None = None
     widths = [int(w) for w in args.widths.split(",")]
     for width in widths:  # widest first: the first that reaches min_steps in the budget is kept
-        ens = fresh(args, width)
+        ens = fresh(args, ds, width)
         ens.net.to(device)
         cfg = TrainConfig(1, args.batch_size, args.lr, seed=args.seed)
         train(ens, x, cfg)  # warm-up (kernels, allocator) outside the timing
@@ -132,7 +133,7 @@ def main() -> None:
         chosen = (widths[-1], probes[-1]["steps_per_s"])
     width, rate = chosen
     steps = max(1, min(args.min_steps * 4, int(rate * args.train_budget_s)))
-    ens = fresh(args, width)
+    ens = fresh(args, ds, width)
     ens.net.to(device)
     ckpt = out / "ensemble.pt"
     t_train = time.perf_counter()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from experiments.common import (
+    ExperimentError,
     LogFn,
     Planted,
     ProgressFn,
@@ -80,8 +81,6 @@ def run(config: CanariesConfig, out_dir: Path, progress: ProgressFn = ignore_pro
         setup = prepare(config, out_dir, granularity="item", device=torch.device(device), progress=progress,
                         log=log, plant=plant)
     except ValueError as exc:
-        from experiments.common import ExperimentError
-
         raise ExperimentError(str(exc)) from exc
     ens, ds, tape = setup.ensemble, setup.data, setup.tape
     canaries = chosen[0]

@@ -648,8 +648,8 @@ def _nearest_confirmed(res: SampleAttribution, images: TrainingImages,
     j = next((i for i, e in enumerate(verified) if e.source == source), None)
     if j is None:
         return None
-    before, after = nearest_item(torch.stack([res.image, res.exact_counterfactuals[j]]), images)
-    return bool(item_source[after] != item_source[before])
+    [after] = nearest_item(res.exact_counterfactuals[j][None], images)
+    return bool(item_source[after] != source)
 
 
 def _exact_resemblance(counterfactuals: Tensor, f: Tensor, images: TrainingImages, item_source: np.ndarray,

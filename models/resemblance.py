@@ -163,8 +163,7 @@ def resemblance(terms: ImageTerms, G: Tensor, dW: Tensor, item_source: np.ndarra
     q = torch.einsum("si,ij,sj->s", dW_items, G.to(torch.float64).cpu(), dW_items)
     cf_sq = terms.base_sq + 2.0 * (terms.lin * dW_items).sum(dim=1) + q
     cf_d = _segment_min(cf_sq.clamp_min(0.0).sqrt(), item_source_t, S)
-    f_d = _segment_min(terms.base_sq.sqrt(), item_source_t, S)
-    return cf_d - f_d
+    return cf_d - source_distances(terms, item_source, S)
 
 
 def exact_resemblance(counterfactuals: Tensor, f: Tensor, images: Tensor) -> Tensor:
